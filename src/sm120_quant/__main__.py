@@ -1,0 +1,3 @@
+from sm120_quant.cli.quantize_cmd import main
+
+main()

@@ -1,0 +1,94 @@
+"""Calibrate with NVIDIA Model Optimizer (NVFP4 W4A4, max or AWQ-lite)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+
+from sm120_quant.errors import UserError
+from sm120_quant.quantize.model import QuantizedModel
+from sm120_quant.quiet import library_output
+from sm120_quant.recipes.schema import KVCache, Recipe
+
+
+def modelopt_config(recipe: Recipe) -> dict:
+    """The `mtq.quantize` config for the recipe: the stock NVFP4 max-calibration config, the recipe's exclusions, FP8
+    KV if asked. AWQ-lite is not ModelOpt's here: our smoothing (quantize/awq.py) has already been folded into the
+    BF16 weights, so both schemes calibrate with max and export plain NVFP4."""
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+    if recipe.kv_cache is KVCache.FP8:
+        cfg["quant_cfg"].extend(copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"]))
+    for pattern in recipe.exclude:
+        cfg["quant_cfg"].append({"quantizer_name": quantizer_glob(pattern), "enable": False})
+    return cfg
+
+
+def quantizer_glob(module_glob: str) -> str:
+    """Module-name glob (`model.layers.0.*`, `*self_attn*`) -> ModelOpt quantizer-name glob for its quantizers."""
+    return module_glob if module_glob.endswith("*") else module_glob + ".*"
+
+
+def calibrate(recipe: Recipe, quantized: QuantizedModel, forward_loop: Callable[[object], None]) -> QuantizedModel:
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    model = quantized.model
+    if next(model.parameters()).device.type == "cpu":
+        from sm120_quant.quantize.cpu_fakequant import enable_cpu_nvfp4_fakequant
+
+        enable_cpu_nvfp4_fakequant()
+    start = time.perf_counter()
+    with torch.no_grad(), library_output():
+        mtq.quantize(model, modelopt_config(recipe), forward_loop)
+    quantized.timings["calibrate"] = time.perf_counter() - start
+    quantizers = [m for m in model.modules() if type(m).__name__ == "TensorQuantizer"]
+    quantized.quantizers_total = len(quantizers)
+    quantized.quantizers_enabled = sum(1 for q in quantizers if q.is_enabled)
+    missing = [name for name, m in model.named_modules()
+               if type(m).__name__ == "TensorQuantizer" and m.is_enabled and getattr(m, "amax", None) is None
+               and not name.endswith(("k_bmm_quantizer", "v_bmm_quantizer"))]
+    if missing:
+        raise UserError(f"calibration left {len(missing)} enabled quantizers without statistics (first: {missing[0]}); "
+                        "the calibration data never reached them: add samples or set "
+                        "calibration.coverage.policy: calibrate_all")
+    if quantized.smoothing:
+        quantized.weight_errors = quantizer_weight_errors(model)
+    return quantized
+
+
+def quantizer_weight_errors(model) -> dict[str, tuple[str, float]]:
+    """Relative error of each fake-quantized weight vs the weight that was quantized, one module at a time.
+
+    After AWQ smoothing the source checkpoint's weights are no longer what was quantized (they were multiplied by
+    the smoothing scales), so comparing the export with the source would measure the smoothing, not the
+    quantization."""
+    import torch
+
+    from sm120_quant.verify.reader import relative_error
+
+    errors = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            if quantizer is None or not quantizer.is_enabled or getattr(module, "weight", None) is None:
+                continue
+            errors[name] = ("nvfp4", relative_error(quantizer(module.weight), module.weight))
+    return errors
+
+
+def make_forward_loop(batches: Iterable[dict], progress: Callable[[int], None] | None = None):
+    """ModelOpt calls this with the model; it runs every calibration batch through it once."""
+    import torch
+
+    def loop(model) -> None:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for batch in batches:
+                model(**{k: v.to(device) for k, v in batch.items()})
+                if progress:
+                    progress(1)
+
+    return loop
