@@ -7,8 +7,8 @@ import struct
 
 import pytest
 import torch
-
 from calib_support import PARAGRAPHS, spec_of, write_jsonl
+
 from sm120_quant.calib_data.build import build_calibration_set
 from sm120_quant.errors import UserError
 

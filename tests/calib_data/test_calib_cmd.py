@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from calib_support import PARAGRAPHS, write_jsonl
 from typer.testing import CliRunner
 
-from calib_support import PARAGRAPHS, write_jsonl
 from sm120_quant.calib_data.build import build_calibration_set
 from sm120_quant.cli.calib_cmd import app
 from sm120_quant.recipes.load import load_recipe

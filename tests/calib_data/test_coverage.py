@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 import torch
+from calib_support import PARAGRAPHS, spec_of, write_jsonl
 from torch.overrides import TorchFunctionMode
 
-from calib_support import PARAGRAPHS, spec_of, write_jsonl
 from sm120_quant.calib_data.build import build_calibration_set
 from sm120_quant.calib_data.coverage import (
     ExpertCoverage,
@@ -181,6 +181,29 @@ def test_glm47_flash_routers(tokenizer, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(natural, forced, strict=True))
 
 
+def test_glm51_moe_block():
+    from transformers import GlmMoeDsaConfig
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaMoE
+
+    config = GlmMoeDsaConfig(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                             n_group=1, topk_group=1, n_shared_experts=1)
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    block = GlmMoeDsaMoE(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    layer = torch.nn.Module()
+    layer.mlp = block
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Identity(), layer])
+    x = torch.randn(1, 5, 64)
+    with ExpertCoverage(model) as cov, torch.no_grad():
+        natural = block(x)
+    assert cov.coverage_table().layers == (1,) and sum(cov.coverage_table().counts[0]) == TOP_K * 5
+    with calibrate_all_experts(model), torch.no_grad():
+        assert torch.equal(block(x), natural)
+
+
 def test_a_model_without_moe_routers_is_rejected():
-    with pytest.raises(UserError, match=r"Linear: no Glm4Moe/Glm4MoeLite MoE router found"):
+    with pytest.raises(UserError, match=r"Linear: no Glm4Moe/Glm4MoeLite/GlmMoeDsa MoE router found"):
         ExpertCoverage(torch.nn.Linear(2, 2))

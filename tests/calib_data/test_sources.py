@@ -9,13 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from calib_support import PARAGRAPHS, spec_of, write_jsonl
 
 from sm120_quant.calib_data.build import build_calibration_set
 from sm120_quant.calib_data.builtin import TABLES, render_table
 from sm120_quant.calib_data.sources import ChatSample, TextSample, open_pass
 from sm120_quant.errors import UserError
-
-from calib_support import PARAGRAPHS, spec_of, write_jsonl
 
 
 def _texts(calib, tokenizer) -> list[str]:
@@ -133,9 +132,9 @@ def test_missing_file(tmp_path, tokenizer):
         build_calibration_set(s, tokenizer, progress=False)
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "parquet", "text"])
-def test_empty_dataset(tmp_path, tokenizer, kind):
-    path = tmp_path / f"empty.{ {'jsonl': 'jsonl', 'parquet': 'parquet', 'text': 'txt'}[kind] }"
+@pytest.mark.parametrize(("kind", "suffix"), [("jsonl", "jsonl"), ("parquet", "parquet"), ("text", "txt")])
+def test_empty_dataset(tmp_path, tokenizer, kind, suffix):
+    path = tmp_path / f"empty.{suffix}"
     if kind == "parquet":
         pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
     else:

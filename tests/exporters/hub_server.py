@@ -3,8 +3,10 @@ and a commit, so the upload tests run the real client against a real (local) ser
 
 Routes (read from huggingface_hub 1.33: hf_api.py, _commit_api.py, lfs.py):
 
+    GET  /api/agent-harnesses                             the client's daily user-agent registry fetch
     GET  /api/whoami-v2                                   HfApi.whoami
-    POST /api/repos/create                                HfApi.create_repo (409 when it exists)
+    POST /api/repos/create                                HfApi.create_repo (409 when it exists, 403 outside the
+                                                          user's namespaces)
     POST /api/validate-yaml                               create_commit, before anything is hashed or sent
     GET  /api/models/{repo}[/revision/{rev}]              HfApi.repo_info (create_commit's no-op path)
     POST /api/models/{repo}/branch/{branch}               HfApi.create_branch (409 when it exists)
@@ -86,6 +88,7 @@ class Hold:
 class HubState:
     token: str
     user: str = "tester"
+    namespaces: frozenset[str] = frozenset({"tester", "tester-org"})  # where the token may create repos
     repos: dict[str, Repo] = field(default_factory=dict)
     lfs: dict[str, bytes] = field(default_factory=dict)
     parts: dict[str, dict[int, bytes]] = field(default_factory=dict)
@@ -221,8 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._json()
         if body.get("type", "model") != "model":
             raise _Reject(400, "the stand-in Hub only holds model repos")
-        repo_id = f"{body.get('organization') or self.server.state.user}/{body['name']}"
         state = self.server.state
+        namespace = body.get("organization") or state.user
+        if namespace not in state.namespaces:
+            raise _Reject(403, f"You don't have the rights to create a model under the namespace \"{namespace}\"")
+        repo_id = f"{namespace}/{body['name']}"
         url = f"{self.server.url}/{repo_id}"
         with state.lock:
             if repo_id in state.repos:

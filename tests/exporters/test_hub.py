@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 import typer
-from hub_server import GITATTRIBUTES, Hold, HubServer, edit_report, finished_run, validate_card_metadata
+from hub_server import (
+    GITATTRIBUTES,
+    Hold,
+    HubServer,
+    edit_report,
+    finished_run,
+    validate_card_metadata,
+)
 
 from sm120_quant.cli.common import run_app
 from sm120_quant.cli.upload_cmd import upload
@@ -91,8 +98,8 @@ def test_upload_arrives_byte_for_byte(hub, run, capsys):
     repo = state.repos[REPO]
     head = repo.head("main")
     assert repo.private is True
-    assert (result.commit_oid, head.summary) == (head.oid, "Upload nvfp4 checkpoint from recipe tiny-glm47-nvfp4 "
-                                                           "(sm120-quant)")
+    assert (result.commit_oid, head.summary) == (head.oid, ("Upload nvfp4 checkpoint from recipe tiny-glm47-nvfp4 "
+                                                           "(sm120-quant)"))
     assert result.commit_url == f"{hub.url}/{REPO}/commit/{head.oid}"
     shards = sorted(p for p in local if p.endswith(".safetensors"))
     assert len(shards) == 2 and head.lfs_paths == set(shards)
@@ -178,7 +185,8 @@ def test_unverified_checkpoint_is_refused_unless_forced(hub, unverified):
 
 @pytest.mark.parametrize(("change", "reason"), [
     ({"verify": {"passed": False, "failures": ["kl 0.91 > 0.5"]}}, "verify failed: kl 0.91 > 0.5"),
-    ({"verify": {"metrics": {"cosine": 0.5, "kl": 0.1, "top1": 0.9}}}, r"verify failed: cosine 0\.5000 \(needs >= 0\.9\)"),
+    ({"verify": {"metrics": {"cosine": 0.5, "kl": 0.1, "top1": 0.9}}},
+     r"verify failed: cosine 0\.5000 \(needs >= 0\.9\)"),
     ({"check": {"summary": {"errors": 2, "warnings": 0}, "layout": "modelopt-nvfp4", "findings": [
         {"level": "ERROR", "rule": "fused-scales", "key": "model.layers.1.mlp.experts.0", "message": "m"}]}},
      "the checkpoint doctor found 2 ERROR\\(s\\), first: fused-scales at model.layers.1.mlp.experts.0"),
@@ -217,6 +225,13 @@ def test_token_missing_or_rejected(hub, run, monkeypatch):
         upload_checkpoint(run, REPO)
     assert wrong not in str(e.value)
     assert REPO not in hub.state.repos
+
+
+def test_namespace_without_write_access(hub, run):
+    with pytest.raises(UserError, match="the token cannot write to someone-else; use a write token for it or "
+                                        "another --repo-id"):
+        upload_checkpoint(run, "someone-else/tiny")
+    assert hub.state.lfs == {}
 
 
 def test_bad_repo_id(run):

@@ -23,11 +23,13 @@ from sm120_quant.exporters.model_card import (
     HASH_CACHE,
     ComponentRow,
     card_inputs,
+    read_recipe,
     render_model_card,
     serve_section,
     vllm_command,
     write_provenance,
 )
+from sm120_quant.quantize import formats
 from sm120_quant.recipes.load import load_recipe
 from sm120_quant.serve.profiles import load_gpus
 
@@ -120,7 +122,7 @@ def _modules_by_part(folder: Path, config: dict) -> dict[tuple[str, str], int]:
     out: dict[tuple[str, str], int] = {}
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 if not name.endswith((".weight", ".weight_packed")) or len(f.get_slice(name).get_shape()) != 2:
                     continue
                 module = name.rsplit(".", 1)[0]
@@ -241,54 +243,75 @@ def _size_numbers(n: int) -> set[str]:
     return {f"{n / s:.2f}" for s in (2**30, 2**20, 2**10)} | {str(n)}
 
 
-def test_every_number_on_the_card_is_from_the_report_the_tensors_or_the_gpu_profiles(run, tmp_path):
-    source = source_card(tmp_path / "src", "license: mit\n")
-    report = edit_report(run, verify=VERIFY, tensor_parallel=tp_reports(run))
-    report = edit_report(run, recipe=report["recipe"] | {"model": "zai-org/GLM-4.7", "source_folder": str(source)})
-    text = render_model_card(run, repo_id=REPO)
+def assert_numbers_accounted_for(run: Path, text: str) -> None:
+    """Every number in the card's prose and tables is one report.json holds, one the safetensors headers give, one
+    of the serve profiles' GPU figures, or one of the two format constants the text states in words."""
+    report = json.loads((run / "report.json").read_text())
     body = ModelCard(text).text
-    # The serve commands are checked against `serve start` above; everything else is prose and tables.
-    prose = re.sub(r"```bash\n.*?```", "", body, flags=re.S)
+    # The serve commands are `serve start`'s (checked against it in test_serve_command_*); the rest is checked here.
+    prose = re.sub(r"```bash\n.*?```", "", body, flags=re.DOTALL)
 
     allowed = _report_numbers(report)
     allowed |= _size_numbers(report["checkpoint_bytes"])
     for tp in (1, 2, 4, 8):
         allowed |= _size_numbers(report["checkpoint_bytes"] // tp)
-    recipe = load_recipe("tiny-glm47-nvfp4").recipe
-    allowed |= {f"{getattr(recipe.verify, k):.4f}" for k in ("min_cosine", "max_kl", "min_top1")}
+    verify = read_recipe(run).verify
+    allowed |= {f"{getattr(verify, k):.4f}" for k in ("min_cosine", "max_kl", "min_top1")}
     for gpu in load_gpus().values():
         allowed |= set(NUMBER.findall(f"{gpu.description} {gpu.measured}"))
         budget = gpu.total_memory_gib * gpu.gpu_memory_utilization
         allowed.add(f"{budget:.2f}")
         allowed |= {f"{budget - report['checkpoint_bytes'] / tp / 2**30:.2f}" for tp in (1, 2, 4, 8)}
-    # The tensors: module counts and bytes per part, from the headers.
-    for shard in sorted(run.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            names = list(f.keys())
-        allowed.add(str(len(names)))
+    # The tensors: module counts per part, from the headers; bytes per part (checked against the headers in
+    # test_part_bytes_*).
     parts = _modules_by_part(run, json.loads((run / "config.json").read_text()))
     allowed |= {str(n) for n in parts.values()}
-    allowed |= {n for r in card_inputs(run, REPO).rows for n in _size_numbers(r.bytes)}  # bytes checked below
-    # The serve command's flags and notes are `serve start`'s (checked against it above).
+    allowed |= {n for r in card_inputs(run, REPO).rows for n in _size_numbers(r.bytes)}
     command, _ = vllm_command(card_inputs(run, REPO))
     allowed |= set(NUMBER.findall(" ".join([*command.argv, *command.env.values(), *command.notes])))
-    # Format facts stated in words: NVFP4's 16-element blocks, FP8's groups of 128 (quantize.formats).
-    allowed |= {"16", "128"}
+    # Format facts stated in words: NVFP4's blocks of 16, FP8's groups of 128 (quantize.formats).
+    allowed |= {str(formats.NVFP4_GROUP), str(formats.FP8_BLOCK[1])}
 
-    found = NUMBER.findall(prose)
-    assert found, "the card should contain numbers"
-    assert sorted(set(found) - allowed) == []
-    # Spot checks that the right report number lands in the right place.
-    assert f"{report['calibration']['num_samples']} samples, {report['calibration']['num_tokens']} tokens in " \
-           f"{report['calibration']['batches']} batches; calibration-set hash `{report['calibration']['hash']}`" in body
-    assert table_row(text, "code") == ["code", "builtin code", "12", "1617"]
+    found = set(NUMBER.findall(prose))
+    assert len(found) > 20, "the card should contain the run's numbers"
+    assert sorted(found - allowed) == []
+    c = report["calibration"]
+    assert (f"{c['num_samples']} samples, {c['num_tokens']} tokens in {c['batches']} batches; calibration-set hash "
+            f"`{c['hash']}`") in body
+    for p in c["passes"]:
+        assert table_row(text, p["name"]) == [p["name"], p["source"], str(p["samples"]), str(p["tokens"])]
     assert f"({report['checkpoint_bytes']} bytes), {report['tensors']['count']} tensors" in body
-    assert "Quantizers enabled during calibration: 213 of 331." in body
-    t = report["weight_error"]["by_type"]["routed_expert.down_proj"]
-    assert table_row(text, "routed_expert.down_proj") == [
-        "routed_expert.down_proj", str(t["count"]), f"{t['mean']:.4f}", f"{t['max']:.4f}"]
+    for layer_type, t in report["weight_error"]["by_type"].items():
+        assert table_row(text, layer_type) == [layer_type, str(t["count"]), f"{t['mean']:.4f}", f"{t['max']:.4f}"]
     for package, version in report["versions"].items():
         assert table_row(text, package) == [package, version or "not installed"]
+
+
+def test_every_number_on_the_card_is_accounted_for(run, tmp_path):
+    source = source_card(tmp_path / "src", "license: mit\n")
+    report = edit_report(run, verify=VERIFY, tensor_parallel=tp_reports(run))
+    edit_report(run, recipe=report["recipe"] | {"model": "zai-org/GLM-4.7", "source_folder": str(source)})
+    text = render_model_card(run, repo_id=REPO)
+    assert_numbers_accounted_for(run, text)
+    assert "Quantizers enabled during calibration: 213 of 331." in text
+    assert table_row(text, "code") == ["code", "builtin code", "12", "1617"]
+
+
+@pytest.mark.slow
+def test_card_of_a_real_quantize_run(tmp_path):
+    """The whole pipeline on the tiny GLM-4.7 (ModelOpt on CPU, minutes), then its card."""
+    from sm120_quant.pipeline import run_recipe
+
+    report = run_recipe(load_recipe("tiny-glm47-nvfp4"), output=tmp_path / "real", device="cpu", progress=False)
+    run = Path(report.checkpoint)
+    text = render_model_card(run, repo_id=REPO)
+    assert str(ModelCard(text)) == text
+    assert validate_card_metadata(text) == ([], [])
+    assert_numbers_accounted_for(run, text)
+    data = json.loads(write_provenance(run).read_text())
+    assert {f["path"]: f["sha256"] for f in data["files"]} == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir()
+        if p.is_file() and p.name not in ("README.md", "provenance.json")}
 
 
 def test_part_bytes_are_the_bytes_of_every_module_with_a_matmul_weight(nvfp4_run):
@@ -296,7 +319,7 @@ def test_part_bytes_are_the_bytes_of_every_module_with_a_matmul_weight(nvfp4_run
     matmul: set[str] = set()
     for shard in sorted(nvfp4_run.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 t = f.get_tensor(name)
                 module, _, leaf = name.rpartition(".")
                 by_module[module] = by_module.get(module, 0) + t.numel() * t.element_size()

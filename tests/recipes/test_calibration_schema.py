@@ -117,22 +117,22 @@ def test_dump_then_load_gives_an_equal_spec(tmp_path):
     ("passes: [{name: a, source: builtin, builtin: poetry, samples: 1}]", "'code', 'agentic'"),
     ("passes: [{name: A b, source: builtin, builtin: code, samples: 1}]", "lowercase"),
     ("passes: [{name: a, source: builtin, builtin: code, samples: 1, weight: 2}]", "samples or weight, not both"),
-    ("passes: [{name: a, source: builtin, builtin: code, samples: 1}, {name: a, source: builtin, builtin: chat, "
-     "samples: 1}]", "repeated: a"),
+    (("passes: [{name: a, source: builtin, builtin: code, samples: 1}, {name: a, source: builtin, builtin: chat, "
+      "samples: 1}]"), "repeated: a"),
     ("passes: [{name: a, source: builtin, builtin: long_context, samples: 1}]", "needs target_tokens"),
     ("passes: [{name: a, source: builtin, builtin: chat, target_tokens: 100, samples: 1}]",
      "only for builtin long_context"),
     ("passes: [{name: a, source: builtin, builtin: chat, packages: [numpy], samples: 1}]", "only for builtin code"),
-    ("max_seq_len: 1024\npasses: [{name: a, source: builtin, builtin: long_context, target_tokens: 2048, "
-     "samples: 1}]", "target_tokens 2048 > max_seq_len 1024"),
+    (("max_seq_len: 1024\npasses: [{name: a, source: builtin, builtin: long_context, target_tokens: 2048, "
+      "samples: 1}]"), "target_tokens 2048 > max_seq_len 1024"),
     ("passes: [{name: a, source: builtin, builtin: code, samples: 1, min_tokens: 9, max_tokens: 8}]",
      "min_tokens 9 > max_tokens 8"),
     ("max_seq_len: 512\npasses: [{name: a, source: builtin, builtin: code, samples: 1, max_tokens: 600}]",
      "max_tokens 600 > max_seq_len 512"),
     ("passes: [{name: a, source: builtin, builtin: code}]", "has no samples; set it or calibration.num_samples"),
     ("num_samples: 5\npasses: [{name: a, source: builtin, builtin: code, samples: 4}]", "!= sum of the passes"),
-    ("num_samples: 3\npasses: [{name: a, source: builtin, builtin: code, samples: 3}, "
-     "{name: b, source: builtin, builtin: chat}]", "leaves 0 rows for 1 weighted passes"),
+    (("num_samples: 3\npasses: [{name: a, source: builtin, builtin: code, samples: 3}, "
+      "{name: b, source: builtin, builtin: chat}]"), "leaves 0 rows for 1 weighted passes"),
     ("passes: [{name: a, source: jsonl, path: x.jsonl, tools_column: tools, samples: 1}]",
      "tools_column needs format: messages"),
     ("coverage: {policy: ignore}\npasses: [{name: a, source: builtin, builtin: code, samples: 1}]",

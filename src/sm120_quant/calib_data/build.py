@@ -10,14 +10,20 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sm120_quant.calib_data.sources import ChatSample, Sample, TextSample, open_pass
 from sm120_quant.errors import UserError
-from sm120_quant.recipes.calibration import CalibPass, CalibrationSpec, Packing, PaddingSide, Truncation
+from sm120_quant.recipes.calibration import (
+    CalibPass,
+    CalibrationSpec,
+    Packing,
+    PaddingSide,
+    Truncation,
+)
 
 HASH_MAGIC = b"sm120-calib/1\n"
 FIRST_SAMPLES = 3
@@ -58,7 +64,7 @@ class CalibrationSet:
     content_hash: str
     padding_side: PaddingSide
     pad_token_id: int
-    batch_size: int = field(default=1)
+    batch_size: int
 
     @property
     def num_samples(self) -> int:

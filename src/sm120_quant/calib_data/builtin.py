@@ -1,4 +1,5 @@
-"""Offline calibration generators: code, agentic tool use, structured data, chat, bilingual system prompts, long context.
+"""Offline calibration generators: code, agentic tool use, structured data, chat, bilingual system prompts and
+long context.
 
 Nothing is downloaded. The code-derived content (source windows, docstrings, function bodies quoted in tool results)
 comes from the `.py` files of this interpreter's standard library and of the packages a pass names, so a sample is a
@@ -183,18 +184,18 @@ SYSTEM_ZH = (
 # (question, answer) pairs written for the bilingual pass; answers are short and factually correct.
 QA_EN = (
     ("What is the difference between a list and a tuple in Python?",
-     "A list is mutable: you can append, remove and reassign items. A tuple is immutable, so it can be hashed and "
-     "used as a dictionary key when all its items are hashable."),
+     ("A list is mutable: you can append, remove and reassign items. A tuple is immutable, so it can be hashed and "
+      "used as a dictionary key when all its items are hashable.")),
     ("How do I read a file line by line without loading it all into memory?",
      "Open it in a with-block and iterate over the file object: `for line in f:` reads one line at a time."),
     ("Why does 0.1 + 0.2 != 0.3 in floating point?",
-     "Neither 0.1 nor 0.2 has an exact binary representation, so their sum rounds to a double slightly above 0.3. "
-     "Compare with a tolerance, for example math.isclose."),
+     ("Neither 0.1 nor 0.2 has an exact binary representation, so their sum rounds to a double slightly above 0.3. "
+      "Compare with a tolerance, for example math.isclose.")),
     ("What does HTTP status 429 mean?",
      "Too Many Requests: the client exceeded a rate limit. Retry after the delay given in the Retry-After header."),
     ("Explain what a mixture-of-experts layer is.",
-     "A router scores every token against a set of expert MLPs and sends it to the top-k of them; the layer output "
-     "is the weighted sum of those experts' outputs, so only a fraction of the parameters run per token."),
+     ("A router scores every token against a set of expert MLPs and sends it to the top-k of them; the layer output "
+      "is the weighted sum of those experts' outputs, so only a fraction of the parameters run per token.")),
     ("How can I undo the last git commit but keep the changes?",
      "Run `git reset --soft HEAD~1`. The commit is removed and its changes stay staged."),
     ("What is the time complexity of binary search?",
@@ -202,14 +203,14 @@ QA_EN = (
     ("When should I use a set instead of a list?",
      "When you need fast membership tests or uniqueness: `x in s` is O(1) on average for a set and O(n) for a list."),
     ("What does the `yield` keyword do?",
-     "It turns a function into a generator: each `yield` hands a value to the caller and suspends the function "
-     "until the next value is requested."),
+     ("It turns a function into a generator: each `yield` hands a value to the caller and suspends the function "
+      "until the next value is requested.")),
     ("How do I convert a UTC timestamp to local time in Python?",
-     "Use `datetime.fromtimestamp(ts, tz=timezone.utc).astimezone()`; astimezone() without an argument converts to "
-     "the system's local zone."),
+     ("Use `datetime.fromtimestamp(ts, tz=timezone.utc).astimezone()`; astimezone() without an argument converts to "
+      "the system's local zone.")),
     ("What is quantization in machine learning?",
-     "Storing weights or activations with fewer bits, for example 4-bit floats with a shared scale per block, to cut "
-     "memory and speed up inference at a small accuracy cost."),
+     ("Storing weights or activations with fewer bits, for example 4-bit floats with a shared scale per block, to cut "
+      "memory and speed up inference at a small accuracy cost.")),
     ("Summarize the CAP theorem in one sentence.",
      "A distributed store that suffers a network partition must choose between consistency and availability."),
 )
@@ -223,14 +224,15 @@ QA_ZH = (
      "0.1 和 0.2 都无法用二进制精确表示，相加后会舍入到一个略大于 0.3 的数。比较时应使用容差，例如 math.isclose。"),
     ("HTTP 状态码 429 是什么意思？", "请求过多：客户端超过了速率限制，应按照 Retry-After 头给出的时间后重试。"),
     ("请解释什么是混合专家（MoE）层。",
-     "路由器为每个 token 计算与各个专家 MLP 的匹配分数，并把它发送给得分最高的 k 个专家；输出是这些专家输出的加权和，"
-     "因此每个 token 只用到一部分参数。"),
+     ("路由器为每个 token 计算与各个专家 MLP 的匹配分数，并把它发送给得分最高的 k 个专家；输出是这些专家输出的加权和，"
+      "因此每个 token 只用到一部分参数。")),
     ("怎样撤销最近一次 git 提交但保留修改？", "执行 `git reset --soft HEAD~1`，提交会被撤销，修改仍处于暂存状态。"),
     ("二分查找的时间复杂度是多少？", "在长度为 n 的有序数组上是 O(log n)，因为每一步都会把搜索范围减半。"),
     ("什么时候应该用集合而不是列表？", "需要快速判断成员或去重时：集合的 `x in s` 平均为 O(1)，列表为 O(n)。"),
     ("`yield` 关键字有什么作用？", "它把函数变成生成器：每次 `yield` 把一个值交给调用者，并暂停函数，直到下一次取值。"),
     ("机器学习中的量化是什么？",
-     "用更少的比特存储权重或激活值，例如每个块共享一个缩放因子的 4 位浮点数，以较小的精度损失换取更低的显存占用和更快的推理。"),
+     ("用更少的比特存储权重或激活值，例如每个块共享一个缩放因子的 4 位浮点数，"
+      "以较小的精度损失换取更低的显存占用和更快的推理。")),
     ("用一句话概括 CAP 定理。", "发生网络分区时，分布式存储只能在一致性和可用性之间二选一。"),
     ("如何在 Linux 上查看某个端口被哪个进程占用？", "运行 `ss -ltnp | grep :端口号` 或 `lsof -i :端口号`。"),
 )
@@ -345,7 +347,8 @@ def _agentic(p: BuiltinPass, seed: int, measure: Measure) -> Iterator[Sample]:
                      f"+{indent}# {comment}\n {body[1]}\n {body[2]}\n")
             messages += [
                 {"role": "assistant", "content": "I will document the non-obvious part before touching logic.",
-                 "reasoning_content": f"{first_paragraph(fn.doc)[:300]} The safest change is a clarifying comment.",
+                 "reasoning_content": f"It should: {first_paragraph(fn.doc)[:300].rstrip('.')}. "
+                                      "The safest change is a clarifying comment.",
                  "tool_calls": [_call("apply_patch", patch=patch)]},
                 {"role": "tool", "content": f"Applied patch to {f.name}: 1 file changed, 1 insertion(+)"},
             ]
@@ -500,7 +503,8 @@ def _chat(p: BuiltinPass, seed: int, measure: Measure) -> Iterator[Sample]:
             if rng.random() < 0.3:
                 source = "\n".join(fn.source.splitlines()[:60])
                 messages += [{"role": "user", "content": rng.choice(SOURCE_QUESTIONS)},
-                             {"role": "assistant", "content": f"Here it is, from `{f.name}`:\n\n```python\n{source}\n```"}]
+                             {"role": "assistant",
+                              "content": f"Here it is, from `{f.name}`:\n\n```python\n{source}\n```"}]
         messages[-1]["reasoning_content"] = f"The user asks about `{mod}`; answer from its documentation."
         yield ChatSample(f"builtin chat #{i} {mod}", tuple(messages))
 

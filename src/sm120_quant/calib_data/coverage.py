@@ -1,8 +1,9 @@
 """Which routed experts the calibration data reached, and a way to reach all of them.
 
 `ExpertCoverage` counts, with forward hooks on the routers, the calibration tokens natural top-k routing sends to
-every (MoE layer, routed expert). It hooks transformers' `Glm4MoeTopkRouter` and `Glm4MoeLiteTopkRouter` (the
-`mlp.gate` of GLM-4.x / GLM-4.7-Flash), whose forward returns `(router_logits, topk_weights, topk_indices)`.
+every (MoE layer, routed expert). It hooks transformers' `Glm4MoeTopkRouter`, `Glm4MoeLiteTopkRouter` and
+`GlmMoeDsaTopkRouter` (the `mlp.gate` of GLM-4.x, GLM-4.7-Flash and GLM-5.1), whose forward returns
+`(router_logits, topk_weights, topk_indices)`.
 Padding is not counted: a forward pre-hook on the model keeps the batch's 2-D attention mask and the router hook
 drops the masked positions. A router called outside a full-model forward (an engine that runs decoder layers one by
 one) counts every position it sees.
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -38,10 +39,12 @@ ONE_HOT_BUDGET_BYTES = 256 * 2**20
 
 
 def router_types() -> tuple[type[nn.Module], ...]:
+    """The routers whose forward returns (router_logits, topk_weights, topk_indices [tokens, top_k])."""
     from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
     from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteTopkRouter
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaTopkRouter
 
-    return (Glm4MoeTopkRouter, Glm4MoeLiteTopkRouter)
+    return (Glm4MoeTopkRouter, Glm4MoeLiteTopkRouter, GlmMoeDsaTopkRouter)
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,9 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
             layer = int(match.group(1)) if match else len(found)
             found.append(MoELayer(layer, name, module, gate.num_experts, gate.top_k))
     if not found:
-        raise UserError(f"{type(model).__name__}: no Glm4Moe/Glm4MoeLite MoE router found, so expert coverage cannot "
-                        "be measured; coverage supports GLM-4.x and GLM-4.7-Flash (transformers modeling)")
+        raise UserError(f"{type(model).__name__}: no Glm4Moe/Glm4MoeLite/GlmMoeDsa MoE router found, so expert "
+                        "coverage cannot be measured; it supports GLM-4.x, GLM-4.7-Flash and GLM-5.1 (transformers "
+                        "modeling)")
     return sorted(found, key=lambda m: m.layer)
 
 
@@ -201,7 +205,7 @@ class ExpertCoverage:
         self._mask: _MaskTracker | None = None
         self._handles: list[Any] = []
 
-    def __enter__(self) -> ExpertCoverage:
+    def __enter__(self) -> Self:
         self._mask = _MaskTracker(self.model)
         self._handles = [m.block.gate.register_forward_hook(self._counter(m)) for m in self.layers]
         return self
@@ -298,9 +302,9 @@ def calibrate_all_experts(model: nn.Module) -> Iterator[list[MoELayer]]:
     normal call, the rest in the extra call, whose output is discarded. The layer output is the normal call's,
     bit for bit, because nothing touches it.
 
-    Supported structure: a MoE block whose `gate` is a Glm4Moe/Glm4MoeLite router and whose `experts` module is
-    called as `experts(hidden_states [T, H], top_k_index [T, k] int, top_k_weights [T, k])` and runs only the experts
-    named in top_k_index. That holds for transformers' fused `Glm4MoeExperts`/`Glm4MoeLiteExperts` (3-D
+    Supported structure: a MoE block whose `gate` is one of `router_types()` and whose `experts` module is called as
+    `experts(hidden_states [T, H], top_k_index [T, k] int, top_k_weights [T, k])` and runs only the experts named in
+    top_k_index. That holds for transformers' fused `Glm4MoeExperts`/`Glm4MoeLiteExperts`/`GlmMoeDsaExperts` (3-D
     gate_up_proj/down_proj; eager experts implementation, which ModelOpt forces), for ModelOpt's `_QuantFusedExperts`
     wrapper of them (it intercepts F.linear inside that forward, so its per-expert weight quantizers and shared input
     quantizers see the extra tokens), and for sm120_quant's `ExpandedExperts` (per-expert

@@ -22,10 +22,10 @@ from sm120_quant.recipes.calibration import (
     HFDatasetPass,
     JsonlPass,
     ParquetPass,
+    RecordFields,
     SampleFormat,
     TextPass,
     TextUnit,
-    RecordFields,
 )
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -248,8 +248,7 @@ def _open_hf(p: HFDatasetPass, seed: int, measure: Measure) -> Iterator[Sample]:
     _check_columns(p, f"{_where(p)}: dataset {p.path!r}", columns)
     seed32 = seed % 2**32
     ds = ds.shuffle(seed=seed32, buffer_size=10_000) if p.streaming else ds.shuffle(seed=seed32)
-    label = f"hf {p.path} {p.split}"
-    return (_record_to_sample(p, f"{label}[{i}]", r) for i, r in enumerate(ds))
+    return (_record_to_sample(p, f"hf {p.path} {p.split} (shuffled row {i})", r) for i, r in enumerate(ds))
 
 
 def _open_builtin(p: BuiltinPass, seed: int, measure: Measure) -> Iterator[Sample]:

@@ -34,5 +34,5 @@ def upload(
     from sm120_quant.exporters.hub import describe, upload_checkpoint
 
     result = upload_checkpoint(checkpoint, repo_id, private=private, revision=revision, dry_run=dry_run, force=force,
-                               progress=not dry_run)
+                               progress=True)
     out.print(describe(result) if dry_run else result.commit_url, markup=False, end="" if dry_run else "\n")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from sm120_quant.exporters.model_card import (
     hash_files,
     render_card,
     render_provenance,
+    require_hub,
     verify_metrics,
     write_text_atomic,
 )
@@ -167,7 +168,11 @@ def _hub_error(step: str, repo_id: str, e: Exception) -> UserError:
 @contextmanager
 def _hub_progress(enabled: bool):
     """huggingface_hub's own transfer bars follow `progress`, and its global switch is put back afterwards."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     was_disabled = are_progress_bars_disabled()
     if not enabled:
@@ -194,6 +199,7 @@ def upload_checkpoint(folder: Path, repo_id: str, *, private: bool = True, revis
     and the blockers. Without `force`, blockers raise CheckFailed; with it, the card states them.
     """
     folder = Path(folder)
+    require_hub()
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder; pass the checkpoint folder `quantize run` wrote")
     _check_repo_id(repo_id)
@@ -212,7 +218,7 @@ def upload_checkpoint(folder: Path, repo_id: str, *, private: bool = True, revis
         _check_token(api)
 
     entries = hash_files(folder, checkpoint_files(folder), progress)
-    card = render_card(card_inputs(folder, repo_id, blockers if forced else ()))
+    card = render_card(replace(inputs, forced=blockers if forced else ()))
     provenance = render_provenance(folder, entries)
     generated = [FileEntry(name, len(text.encode()), hashlib.sha256(text.encode()).hexdigest())
                  for name, text in ((CARD, card), (PROVENANCE, provenance))]

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -104,15 +104,26 @@ def hash_files(folder: Path, files: Sequence[Path], progress: bool = False) -> l
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write a sibling temporary file and rename it over `path`: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The inputs: report.json, recipe.yaml, headers and configs, the source's license
+
+
+def require_hub() -> None:
+    """huggingface_hub is the optional `hub` extra; the card's metadata and the upload both need it."""
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise UserError("huggingface_hub is not installed; pip install 'sm120-quant[hub]'") from None
 
 
 def read_report(folder: Path) -> dict[str, Any]:
@@ -265,6 +276,7 @@ class CardInputs:
 
 
 def card_inputs(folder: Path, repo_id: str | None = None, forced: Iterable[str] = ()) -> CardInputs:
+    require_hub()
     folder = Path(folder)
     report = read_report(folder)
     recipe = read_recipe(folder)

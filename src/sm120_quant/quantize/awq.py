@@ -111,11 +111,13 @@ def _excluded(module: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module + ".", p) for p in patterns)
 
 
-def smooth(model: nn.Module, forward_loop, excluded: list[str]) -> list[GroupResult]:
-    """Search and fold AWQ-lite scales into `model` in place; returns one result per group."""
+def smooth(model: nn.Module, forward_loop, excluded: list[str], capture_rows: int = CAPTURE_ROWS
+           ) -> list[GroupResult]:
+    """Search and fold AWQ-lite scales into `model` in place; returns one result per group (groups whose consumers
+    no calibration token reached, such as an expert never routed to, keep scale 1)."""
     groups = find_groups(model, excluded)
     consumers = sorted({c for g in groups for c in g.consumers})
-    captured = _capture_inputs(model, consumers, forward_loop)
+    captured = _capture_inputs(model, consumers, forward_loop, capture_rows)
     results = []
     for g in groups:
         inputs = {c: captured[c] for c in g.consumers if c in captured}
@@ -136,17 +138,18 @@ def _input_owner(name: str) -> str:
     return f"{parent}.{_SAME_INPUT_AS[leaf]}" if leaf in _SAME_INPUT_AS else name
 
 
-def _capture_inputs(model: nn.Module, names: list[str], forward_loop) -> dict[str, torch.Tensor]:
-    """Up to CAPTURE_ROWS input rows of every consumer, kept in the model's dtype on its device."""
+def _capture_inputs(model: nn.Module, names: list[str], forward_loop, capture_rows: int
+                    ) -> dict[str, torch.Tensor]:
+    """Up to `capture_rows` input rows of every consumer, kept in the model's dtype on its device."""
     owners = sorted({_input_owner(n) for n in names})
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in owners}
     rows: dict[str, int] = {n: 0 for n in owners}
 
     def hook(name):
         def pre(module, args):
-            if rows[name] >= CAPTURE_ROWS:
+            if rows[name] >= capture_rows:
                 return
-            x = args[0].detach().reshape(-1, args[0].shape[-1])[: CAPTURE_ROWS - rows[name]]
+            x = args[0].detach().reshape(-1, args[0].shape[-1])[: capture_rows - rows[name]]
             captured[name].append(x.clone())
             rows[name] += x.shape[0]
         return pre

@@ -1,4 +1,5 @@
-"""The recipe's `calibration:` section: which data the engines see, in which order, and what to do about unrouted experts.
+"""The recipe's `calibration:` section: which data the engines see, in which order, and what to do about experts
+that routing leaves without data.
 
 A section is a list of passes. Each pass is one source (a Hugging Face dataset, a local file or folder, or a built-in
 offline generator) plus how many samples to take from it and which token lengths to keep. The passes are flattened
@@ -22,7 +23,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
