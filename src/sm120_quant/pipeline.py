@@ -74,8 +74,9 @@ def run_recipe(loaded: LoadedRecipe, output: Path | None = None, overwrite: bool
             from sm120_quant.verify.reader import weight_errors
 
             errors = quantized.weight_errors or weight_errors(source.folder, staging)
-        report = build_report(loaded, source, calib, quantized, checkpoint, check, errors, stats, target)
-        write_report(report, staging, loaded)
+        report = build_report(loaded, source, calib, quantized, checkpoint, check, errors, stats)
+        report = report.with_checkpoint(target)
+        write_report(report, staging, loaded, quantized.coverage_check)
         if check.errors:
             first = check.errors[0]
             raise CheckFailed(f"the export has {len(check.errors)} checkpoint ERROR(s); first: {first.key}: "
@@ -87,7 +88,6 @@ def run_recipe(loaded: LoadedRecipe, output: Path | None = None, overwrite: bool
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    report = report.with_checkpoint(target)
     print_summary(report)
     return report
 

@@ -75,7 +75,8 @@ class Report:
     notes: list
 
     def with_checkpoint(self, folder: Path) -> Report:
-        return replace(self, checkpoint=str(folder))
+        """The report once the staging folder has been renamed into place."""
+        return replace(self, checkpoint=str(folder), check={**self.check, "path": str(folder)})
 
 
 def _layer_type(module: str) -> str:
@@ -105,13 +106,14 @@ def _tensor_summary(folder: Path) -> dict:
     return {"count": count, "by_dtype": dict(sorted(by_dtype.items()))}
 
 
-def build_report(loaded: LoadedRecipe, source, calib, quantized, checkpoint, check, errors, stats: RunStats,
-                 target: Path) -> Report:
+def build_report(loaded: LoadedRecipe, source, calib, quantized, checkpoint, check, errors,
+                 stats: RunStats) -> Report:
+    """The report as of the staging folder; `Report.with_checkpoint` moves it to the final folder."""
     per_type: dict[str, list[float]] = defaultdict(list)
     for module, (_, err) in errors.items():
         per_type[_layer_type(module)].append(err)
     return Report(
-        checkpoint=str(target),
+        checkpoint=str(checkpoint.folder),
         recipe={"name": loaded.name, "path": str(loaded.path), "sha256": loaded.sha256,
                 "scheme": loaded.recipe.scheme.value, "engine": loaded.recipe.engine.value,
                 "model": loaded.recipe.model.id, "source_folder": str(source.folder)},
@@ -145,8 +147,14 @@ def build_report(loaded: LoadedRecipe, source, calib, quantized, checkpoint, che
     )
 
 
-def write_report(report: Report, folder: Path, loaded: LoadedRecipe) -> None:
+def write_report(report: Report, folder: Path, loaded: LoadedRecipe, coverage_check=None) -> None:
+    """report.json and recipe.yaml next to the weights; with expert coverage, its table and heat map too."""
     (folder / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    if coverage_check is not None:
+        from sm120_quant.calib_data.coverage import save_heatmap
+
+        save_heatmap(coverage_check.table, folder / "expert_coverage.png", coverage_check.min_tokens)
+        (folder / "expert_coverage.md").write_text(coverage_check.table.to_markdown(coverage_check.min_tokens))
     (folder / "recipe.yaml").write_text(f"# resolved from {loaded.path}\n" + dump_recipe(loaded.recipe))
 
 

@@ -539,7 +539,7 @@ def finished_run(export: Path, source: Path, dst: Path, recipe: str = "tiny-glm4
     stats = RunStats(seconds={"load": 1.25, "quantize": 33.75}, peak_rss={"load": 123_456_789})
     report = build_report(loaded, SimpleNamespace(folder=source), CALIBRATION, quantized,
                           Checkpoint(dst, "modelopt"), check_checkpoint(dst, deep=True),
-                          weight_errors(source, dst) if errors is None else errors, stats, dst)
+                          weight_errors(source, dst) if errors is None else errors, stats)
     write_report(report, dst, loaded)
     return dst
 

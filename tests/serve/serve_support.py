@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +77,64 @@ def make_install(wheel: Path, root: Path, members: list[str] | None) -> Path:
     site = next((root / "lib").glob("python3*/site-packages"))
     extract_release(wheel, site, members)
     return root / "bin" / "python"
+
+
+# GLM-4.7-Flash-REAP-23B-A3B (seed 001): GLM-4.7-Flash's config with 48 of its 64 routed experts left.
+REAP_CONFIG = {
+    "architectures": ["Glm4MoeLiteForCausalLM"],
+    "model_type": "glm4_moe_lite",
+    "vocab_size": 154880,
+    "hidden_size": 2048,
+    "intermediate_size": 10240,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 47,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 20,
+    "n_shared_experts": 1,
+    "n_routed_experts": 48,
+    "num_experts_per_tok": 4,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 768,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 256,
+    "qk_nope_head_dim": 192,
+    "first_k_dense_replace": 1,
+    "max_position_embeddings": 202752,
+    "num_nextn_predict_layers": 1,
+    "tie_word_embeddings": False,
+}
+# ModelOpt 0.41 legacy hf_quant_config.json: NVFP4, no KV-cache quantization, lm_head excluded (seed 001).
+REAP_QUANT = {
+    "quantization": {
+        "quant_algo": "NVFP4",
+        "kv_cache_quant_algo": None,
+        "group_size": 16,
+        "exclude_modules": ["lm_head"],
+    }
+}
+# GLM-4.7 (355B): 92 layers, 96 query / 8 KV heads of 128.
+GLM47_CONFIG = {
+    "architectures": ["Glm4MoeForCausalLM"],
+    "model_type": "glm4_moe",
+    "vocab_size": 151552,
+    "hidden_size": 5120,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 92,
+    "num_attention_heads": 96,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 160,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3,
+    "max_position_embeddings": 202752,
+}
+
+
+def write_ckpt(folder: Path, config: dict, quant: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    if quant is not None:
+        (folder / "hf_quant_config.json").write_text(json.dumps(quant))
+    return folder

@@ -17,10 +17,23 @@ pytestmark = pytest.mark.vllm
 # What an untrained model can pass. The three trained-model checks are skipped by --random-weights, and the streaming
 # Anthropic tool call cannot be crafted for it (no logit_bias on /v1/messages).
 EXPECTED = {
-    "models": "pass", "chat": "pass", "chat_stream": "pass", "completions": "pass", "nan_signature": "pass",
-    "empty_output": "pass", "replacement_char": "skip", "repetition": "skip", "known_answer": "skip",
-    "reasoning": "pass", "tool_call_chat": "pass", "tool_call_chat_stream": "pass", "tool_call_messages": "pass",
-    "tool_call_messages_stream": "skip", "throughput": "pass", "server_log": "pass", "backends": "pass",
+    "models": "pass",
+    "chat": "pass",
+    "chat_stream": "pass",
+    "completions": "pass",
+    "nan_signature": "pass",
+    "empty_output": "pass",
+    "replacement_char": "skip",
+    "repetition": "skip",
+    "known_answer": "skip",
+    "reasoning": "pass",
+    "tool_call_chat": "pass",
+    "tool_call_chat_stream": "pass",
+    "tool_call_messages": "pass",
+    "tool_call_messages_stream": "skip",
+    "throughput": "pass",
+    "server_log": "pass",
+    "backends": "pass",
 }
 
 
@@ -34,15 +47,27 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_server_starts_within_a_minute_on_loopback(vllm_server):
     assert vllm_server.url.startswith("http://127.0.0.1:")
     if vllm_server.load_at_start > os.cpu_count():
-        pytest.skip(f"started in {vllm_server.startup_s:.0f} s with load {vllm_server.load_at_start:.1f} on the machine")
+        pytest.skip(
+            f"started in {vllm_server.startup_s:.0f} s with load {vllm_server.load_at_start:.1f} on the machine"
+        )
     assert vllm_server.startup_s < 60
 
 
 def test_verify_passes_everything_a_random_model_can(vllm_server, tmp_path, capsys):
     report_path = tmp_path / "report.json"
     code, out, err = run_cli(
-        ["verify", "--url", vllm_server.url, "--log", str(vllm_server.log), "--random-weights",
-         "--report", str(report_path), "--concurrency", "3"],
+        [
+            "verify",
+            "--url",
+            vllm_server.url,
+            "--log",
+            str(vllm_server.log),
+            "--random-weights",
+            "--report",
+            str(report_path),
+            "--concurrency",
+            "3",
+        ],
         capsys,
     )
     report = json.loads(report_path.read_text())
@@ -92,9 +117,22 @@ def test_verify_on_a_broken_checkpoint_fails_with_the_servers_error(vllm_python,
     tensors["model.norm.weight"] = tensors["model.norm.weight"][:128].clone()
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     log = tmp_path / "vllm.log"
-    code, out, err = run_cli(
-        ["verify", str(broken), "--gpu", "cpu", "--vllm-python", str(vllm_python), "--enforce-eager",
-         "--max-model-len", "512", "--log", str(log), "--ready-timeout", "240"],
+    code, _, err = run_cli(
+        [
+            "verify",
+            str(broken),
+            "--gpu",
+            "cpu",
+            "--vllm-python",
+            str(vllm_python),
+            "--enforce-eager",
+            "--max-model-len",
+            "512",
+            "--log",
+            str(log),
+            "--ready-timeout",
+            "240",
+        ],
         capsys,
     )
     assert code == 1

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sm120_quant.cli.common import out
+from sm120_quant.cli.common import RecipeArg, out
 
 app = typer.Typer(
     name="calib",
@@ -18,13 +18,9 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Inspect a recipe's calibration data."""
-
-
-RecipeArg = Annotated[str, typer.Argument(help="A bundled recipe name (see `quantize recipes`) or a YAML file path.")]
 
 
 def _clip(text: str, chars: int) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,6 +26,23 @@ def version_callback(value: bool) -> None:
         raise typer.Exit(EXIT_OK)
 
 
+def _usage_error_types() -> tuple[type, ...]:
+    """typer 0.29 vendors its own copy of click, whose exceptions are not click's; accept both."""
+    import click
+
+    types: list[type] = [click.exceptions.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        types.append(TyperClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+RecipeArg = Annotated[str, typer.Argument(help="A bundled recipe name (see `quantize recipes`) or a YAML file path.")]
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a typer app; known errors become one stderr line and an exit code, unknown ones keep their traceback."""
     try:
@@ -41,14 +58,10 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(EXIT_FINDINGS)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors (missing argument, bad option value) arrive here in non-standalone mode
+        if isinstance(e, _usage_error_types()):
             e.show()
             sys.exit(EXIT_USAGE)
         raise
     sys.exit(EXIT_OK)
 
-
-Command = Callable[..., None]

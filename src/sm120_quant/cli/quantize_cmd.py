@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from sm120_quant.cli.common import out, run_app, version_callback
+from sm120_quant.cli import calib_cmd, check_cmd, upload_cmd
+from sm120_quant.cli.common import RecipeArg, out, run_app, version_callback
 
 app = typer.Typer(
     name="quantize",
@@ -16,8 +17,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-RecipeArg = Annotated[str, typer.Argument(help="A bundled recipe name (see `quantize recipes`) or a YAML file path.")]
 
 
 @app.callback()
@@ -61,6 +60,12 @@ def show(recipe: RecipeArg) -> None:
 
     loaded = load_recipe(recipe)
     out.print(f"# {loaded.path}\n{dump_recipe(loaded.recipe)}", markup=False, end="")
+
+
+app.command("check")(check_cmd.check)
+app.command("fix")(check_cmd.fix)
+app.add_typer(calib_cmd.app, name="calib")
+app.command("upload")(upload_cmd.upload)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -274,13 +274,13 @@ def describe(result: UploadResult) -> str:
     """The dry-run listing: files with sizes and hashes, what would be created, the blockers, then the card."""
     width = max(len(f.path) for f in result.files)
     lines = [f"{f.path:<{width}}  {f.size:>14}  {f.sha256}" for f in result.files]
+    branch = (f", and branch {result.revision} from main unless it exists"
+              if result.revision != DEFAULT_REVISION else "")
     lines += [
         "",
-        f"would create {result.repo_id} ({'private' if result.private else 'public'}) unless it exists"
-        + (f", and branch {result.revision} from main unless it exists" if result.revision != DEFAULT_REVISION
-           else ""),
+        f"would create {result.repo_id} ({'private' if result.private else 'public'}) unless it exists{branch}",
         (f"would commit {len(result.files)} files, {result.total_bytes} bytes, to {result.repo_id}@{result.revision}"
-        f" ({CARD} and {PROVENANCE} generated)"),
+         f" ({CARD} and {PROVENANCE} generated)"),
     ]
     if result.blockers:
         verb = "uploads anyway with --force; the card says" if result.forced else "refused without --force"

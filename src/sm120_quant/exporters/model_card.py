@@ -396,14 +396,14 @@ def _summary(inputs: CardInputs) -> list[str]:
         lines += ["> **Uploaded with `--force` although:** " + "; ".join(inputs.forced) + ".", ""]
     lines += [
         (f"{SCHEME_LABEL.get(recipe['scheme'], recipe['scheme'])} quantization of {source} for SM120 GPUs "
-        "(Blackwell GeForce RTX and RTX PRO cards), "
-        f"made with sm120-quant {versions.get('sm120-quant')} and {engine_pkg} {versions.get(engine_pkg)}."),
+         "(Blackwell GeForce RTX and RTX PRO cards), "
+         f"made with sm120-quant {versions.get('sm120-quant')} and {engine_pkg} {versions.get(engine_pkg)}."),
         "",
         f"- **Format:** {LAYOUT_FORMAT[inputs.layout]}",
         (f"- **Size:** {_size(r['checkpoint_bytes'])} ({r['checkpoint_bytes']} bytes), "
-        f"{r['tensors']['count']} tensors."),
+         f"{r['tensors']['count']} tensors."),
         (f"- **Recipe:** `{recipe['name']}` (sha256 `{recipe['sha256']}`), resolved in `{RECIPE}` next to the "
-        "weights."),
+         "weights."),
         (f"- **Evidence:** the run's numbers on this card (size, calibration, quality, doctor, versions) are read "
          f"from `{REPORT}`, the run's own report; the serve plan uses sm120-quant's GPU profiles; `{PROVENANCE}` "
          "lists the sha256 of every file."),
@@ -569,8 +569,8 @@ def plan_section(inputs: CardInputs) -> list[str]:
     total = inputs.report["checkpoint_bytes"]
     lines = ["## Hardware and serve plan", "", HARDWARE[inputs.layout], "",
              (f"Per GPU at each tensor-parallel size: the checkpoint's share ({_size(total)} in all) and the GiB of "
-             "vLLM's memory budget (total x `--gpu-memory-utilization` of `serve start`'s profile) left for "
-             "activations and KV cache."), ""]
+              "vLLM's memory budget (total x `--gpu-memory-utilization` of `serve start`'s profile) left for "
+              "activations and KV cache."), ""]
     header = ["GPU", "Budget", *(f"TP{tp} ({_size(total // tp)} each)" for tp in TP_DEGREES)]
     rows = []
     for name, gpu in load_gpus().items():
@@ -590,8 +590,8 @@ def doctor_section(inputs: CardInputs) -> list[str]:
     s = check["summary"]
     lines = ["## Checkpoint doctor", "",
              (f"`quantize check` on the exported files ({check['layout']}, "
-             f"{'deep: every scale and weight read' if check.get('deep') else 'headers and scalar scales'}): "
-             f"**{s['errors']} errors, {s['warnings']} warnings**.")]
+              f"{'deep: every scale and weight read' if check.get('deep') else 'headers and scalar scales'}): "
+              f"**{s['errors']} errors, {s['warnings']} warnings**.")]
     if check["findings"]:
         lines += [""] + _table(("Level", "Rule", "Where", "Finding"),
                                ((f["level"], f["rule"], f"`{f['key']}`", f["message"]) for f in check["findings"]))
@@ -602,7 +602,7 @@ def doctor_section(inputs: CardInputs) -> list[str]:
                      "--runtime vllm --tp N` gives the verdict for one runtime and TP.")
         return lines
     rows = []
-    for (_, tp), r in sorted(verdicts.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (_, tp), r in sorted(verdicts.items(), key=lambda kv: (kv[0][0] != "vllm", kv[0][0], kv[0][1])):
         first = next((f for f in r.get("findings", []) if f["level"] == "ERROR"), None)
         rows.append((r["runtime"], tp, r["summary"]["errors"], r["summary"]["warnings"],
                      f"{first['rule']}: {first['message']}" if first else "loads"))
@@ -612,7 +612,7 @@ def doctor_section(inputs: CardInputs) -> list[str]:
 def quantized_section(inputs: CardInputs) -> list[str]:
     lines = ["## What is quantized", "",
              ("From the safetensors headers (each row: matmul modules of that part of the model and how their weights "
-             "are stored):"), ""]
+              "are stored):"), ""]
     lines += _table(("Part", "Stored as", "Modules", "Projections", "Bytes"),
                     ((r.component, r.precision, r.modules, ", ".join(r.projections), _size(r.bytes))
                      for r in inputs.rows))
@@ -699,8 +699,8 @@ def reproduce_section(inputs: CardInputs) -> list[str]:
     return ["## Reproduce", "", f"With sm120-quant {inputs.report['versions'].get('sm120-quant')} installed:", "",
             "```bash", f"quantize run {RECIPE} -o {_title(inputs)}", "```", "",
             (f"`{RECIPE}` is the recipe with every default filled in; the recipe file as run, `{recipe['name']}`, had "
-            f"sha256 `{recipe['sha256']}`. `{PROVENANCE}` has the calibration-set hash and the sha256 of every "
-            f"file, `{REPORT}` the full run report.")]
+             f"sha256 `{recipe['sha256']}`. `{PROVENANCE}` has the calibration-set hash and the sha256 of every "
+             f"file, `{REPORT}` the full run report.")]
 
 
 SECTIONS = (serve_section, plan_section, doctor_section, quantized_section, calibration_section, quality_section,

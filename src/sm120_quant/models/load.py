@@ -64,7 +64,8 @@ def _download(spec: ModelSpec) -> Path:
                         "pip install 'sm120-quant[hub]' or pass a local path") from None
     try:
         return Path(snapshot_download(spec.id, revision=spec.revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+                                      allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt",
+                                                      "README.md", "LICENSE*"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise UserError(f"model.id {spec.id!r}: cannot be downloaded ({type(e).__name__}); check the id and your "
                         "network or token, or download it first (`hf download ID --local-dir DIR`) and set "

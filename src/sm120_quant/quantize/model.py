@@ -27,6 +27,7 @@ class QuantizedModel:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     coverage: dict[str, Any] = field(default_factory=dict)
+    coverage_check: Any = None  # calib_data.coverage.CoverageCheck, for the report's table and heat map
     smoothing: list[dict[str, Any]] = field(default_factory=list)
     # Set by an engine when the source weights are not what was quantized (AWQ smoothing); see report.weight_error.
     weight_errors: dict[str, tuple[str, float]] | None = None

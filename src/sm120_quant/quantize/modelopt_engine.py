@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable
 
 from sm120_quant.errors import UserError
@@ -40,10 +41,26 @@ def calibrate(recipe: Recipe, quantized: QuantizedModel, forward_loop: Callable[
         from sm120_quant.quantize.cpu_fakequant import enable_cpu_nvfp4_fakequant
 
         enable_cpu_nvfp4_fakequant()
+    from sm120_quant.calib_data.coverage import ExpertCoverage, calibrate_all_experts, check_coverage
+    from sm120_quant.recipes.calibration import CoveragePolicy
+
+    spec = recipe.calibration.coverage
+    all_experts = calibrate_all_experts(model) if spec.policy is CoveragePolicy.CALIBRATE_ALL else nullcontext()
     start = time.perf_counter()
-    with torch.no_grad(), library_output():
+    with torch.no_grad(), library_output(), ExpertCoverage(model) as coverage, all_experts:
         mtq.quantize(model, modelopt_config(recipe), forward_loop)
     quantized.timings["calibrate"] = time.perf_counter() - start
+    check = check_coverage(coverage.coverage_table(), spec.policy, spec.min_tokens)
+    quantized.coverage = check.to_dict()
+    quantized.coverage_check = check
+    if check.under:
+        from sm120_quant.calib_data.coverage import describe_under
+
+        quantized.notes.append(describe_under(check.under, spec.min_tokens))
+    if quantized.expanded_modules:
+        # ModelOpt's max calibration syncs the input amax of a layer's experts (layer_sync_moe_local_experts_amax),
+        # so every expert's input_scale is its layer's widest, whether or not the expert itself saw tokens.
+        quantized.notes.append("routed experts of a layer share one input_scale (ModelOpt syncs expert input amax)")
     quantizers = [m for m in model.modules() if type(m).__name__ == "TensorQuantizer"]
     quantized.quantizers_total = len(quantizers)
     quantized.quantizers_enabled = sum(1 for q in quantizers if q.is_enabled)

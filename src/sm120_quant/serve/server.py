@@ -17,6 +17,7 @@ from sm120_quant.serve.profiles import ServeCommand
 # vLLM wraps the root cause in generic errors; these lines say nothing about why it failed.
 _GENERIC_ERRORS = ("Engine core initialization failed", "EngineCore failed to start", "See root cause above")
 _ERROR_LINE = re.compile(r"\b([A-Z][A-Za-z]*(?:Error|Exception)): (.+)$")
+_NOT_AN_ERROR = re.compile(r"\b(?:WARNING|INFO|DEBUG)\b")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,7 +37,8 @@ def root_error(log_text: str) -> str | None:
     specific = []
     for line in log_text.splitlines():
         m = _ERROR_LINE.search(line)
-        if m and not any(g in line for g in _GENERIC_ERRORS):
+        # vLLM's WARNING/INFO lines quote error names too ("fd limit errors like `OSError: ...`").
+        if m and not _NOT_AN_ERROR.search(line) and not any(g in line for g in _GENERIC_ERRORS):
             specific.append(f"{m[1]}: {m[2].strip()}")
     return specific[0] if specific else None
 

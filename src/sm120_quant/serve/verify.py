@@ -716,7 +716,10 @@ def check_log(log_text: str | None) -> list[Check]:
 
 
 def served_model(client: Client) -> str:
-    resp = client.request("GET", "/v1/models")
+    try:
+        resp = client.request("GET", "/v1/models")
+    except OSError as e:
+        raise CheckFailed(f"{client.base_url}: no server answers ({e}); start one or check --url") from e
     if resp.status != 200 or not resp.body.get("data"):
         raise CheckFailed(f"{client.base_url}/v1/models: {_http_error(resp)}")
     return resp.body["data"][0]["id"]

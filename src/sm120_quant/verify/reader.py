@@ -125,8 +125,13 @@ class CheckpointReader:
             return "nvfp4"
         if f"{module}.weight_scale" in self:
             scale_shape = self._slice(f"{module}.weight_scale").get_shape()
-            fp8_weight = self._slice(f"{module}.weight").get_dtype() == "F8_E4M3"
-            return "fp8_block" if len(scale_shape) == 2 and fp8_weight and scale_shape[1] > 1 else "fp8"
+            weight = self._slice(f"{module}.weight")
+            out, in_ = weight.get_shape()
+            # [ceil(out/128), ceil(in/128)] is a block scale even when in <= 128 makes it one column wide; a
+            # per-channel scale is [out, 1].
+            blocks = [-(-out // 128), -(-in_ // 128)]
+            is_block = weight.get_dtype() == "F8_E4M3" and scale_shape == blocks and scale_shape != [out, 1]
+            return "fp8_block" if is_block else "fp8"
         return "dense"
 
     def _slice(self, key: str):
