@@ -125,6 +125,10 @@ def main() -> None:
     ap.add_argument("--awq", action="store_true", help="also compare AWQ-lite (ours vs ModelOpt's)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # ModelOpt's own AWQ-lite needs the pure-torch NVFP4 fake-quant there too
+        from sm120_quant.quantize.cpu_fakequant import enable_cpu_nvfp4_fakequant
+
+        enable_cpu_nvfp4_fakequant()
     dims = TINY if args.tiny else GLM47
     seq = min(args.seq, 64) if args.tiny else args.seq
     samples = min(args.samples, 8) if args.tiny else args.samples

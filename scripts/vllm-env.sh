@@ -18,6 +18,10 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     exit 0
 fi
 
+if [[ -e "$venv" && ! -f "$venv/pyvenv.cfg" ]]; then
+    echo "vllm-env: $venv exists and is not a venv; not deleting it" >&2
+    exit 2
+fi
 start=$SECONDS
 rm -rf "$venv"
 "$python" -m venv "$venv"

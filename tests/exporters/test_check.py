@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sm120_quant.errors import UserError
-from sm120_quant.exporters.check import Level, Rule, check_checkpoint, issue_status, parse_runtime, Status
+from sm120_quant.exporters.check import Level, Rule, Status, check_checkpoint, issue_status, parse_runtime
 
 EXPERT = "model.layers.1.mlp.experts.2"
 ATTN = "model.layers.1.self_attn"
@@ -154,8 +154,8 @@ def test_one_bf16_expert_in_a_quantized_moe(exports, tiny_sources, tmp_path, too
     edits = {}
     for proj in ("gate_proj", "up_proj", "down_proj"):
         module = f"{EXPERT}.{proj}"
-        edits |= {f"{module}.weight": tools.source_weight(tiny_sources["glm47"], module), f"{module}.weight_scale": None,
-                  f"{module}.weight_scale_2": None, f"{module}.input_scale": None}
+        edits |= {f"{module}.weight": tools.source_weight(tiny_sources["glm47"], module),
+                  f"{module}.weight_scale": None, f"{module}.weight_scale_2": None, f"{module}.input_scale": None}
     bad = tools.edit(exports["modelopt-glm47"], tmp_path / "c", tensors=edits,
                           **exclude_both(add=[f"{EXPERT}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]))
     f = one(check_checkpoint(bad), Rule.FUSED_PARTIAL)
@@ -381,7 +381,7 @@ def mtp_names(folder):
     names = []
     for shard in folder.glob("*.safetensors"):
         with safe_open(shard, "pt") as f:
-            names += [k for k in f.keys() if k.startswith("model.layers.4.")]
+            names += [k for k in f.keys() if k.startswith("model.layers.4.")]  # noqa: SIM118 (safe_open)
     return names
 
 
@@ -484,14 +484,14 @@ def test_unusable_inputs(exports, tiny_sources, tmp_path):
     with pytest.raises(UserError, match="not a checkpoint folder"):
         check_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match=r"no config\.json"):
         check_checkpoint(tmp_path / "empty")
     with pytest.raises(UserError, match="not a quantized checkpoint"):
         check_checkpoint(tiny_sources["glm47"])
     broken = tmp_path / "json"
     shutil.copytree(exports["ct-fp8-glm47"], broken)
     (broken / "config.json").write_text('{"model_type": "glm4_moe",')
-    with pytest.raises(UserError, match="config.json: not valid JSON"):
+    with pytest.raises(UserError, match=r"config\.json: not valid JSON"):
         check_checkpoint(broken)
     truncated = tmp_path / "cut"
     shutil.copytree(exports["ct-fp8-glm47"], truncated)
@@ -499,7 +499,7 @@ def test_unusable_inputs(exports, tiny_sources, tmp_path):
         f.truncate(f.seek(0, 2) - 100)
     with pytest.raises(UserError, match="do not cover the data buffer exactly"):
         check_checkpoint(truncated)
-    with pytest.raises(UserError, match="--runtime 'trtllm==1.0'"):
+    with pytest.raises(UserError, match=r"--runtime 'trtllm==1\.0'"):
         check_checkpoint(exports["ct-fp8-glm47"], runtime="trtllm==1.0")
     with pytest.raises(UserError, match="--tp 0"):
         check_checkpoint(exports["ct-fp8-glm47"], tp=0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import struct
 
@@ -14,7 +16,9 @@ from sm120_quant.errors import UserError
 from sm120_quant.exporters.check import check_checkpoint
 from sm120_quant.exporters.safetensors_header import DTYPE_BITS, read_header
 
-FUZZ = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "80")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# FUZZ_EXAMPLES=600 for a longer local run; 80 keeps the suite fast.
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "80")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=12),
@@ -47,10 +51,8 @@ def workdir(exports, tmp_path_factory):
 def test_random_header_bytes(tmp_path_factory, raw, length):
     path = tmp_path_factory.getbasetemp() / "random.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw)
-    try:
+    with contextlib.suppress(UserError):
         read_header(path)
-    except UserError:
-        pass
 
 
 entries = st.fixed_dictionaries({
@@ -70,16 +72,14 @@ def test_structured_header_json(tmp_path_factory, tensors, metadata, data):
     raw = json.dumps(header).encode()
     path = tmp_path_factory.getbasetemp() / "structured.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-    try:
+    with contextlib.suppress(UserError):
         read_header(path)
-    except UserError:
-        pass
 
 
 @FUZZ
 @given(data=st.data())
 def test_corrupted_shard_header(workdir, data):
-    shard = sorted(workdir.glob("*.safetensors"))[0]
+    shard = min(workdir.glob("*.safetensors"))
     original = shard.read_bytes()
     header_end = 8 + struct.unpack("<Q", original[:8])[0]
     positions = data.draw(st.lists(st.integers(0, header_end - 1), min_size=1, max_size=4))

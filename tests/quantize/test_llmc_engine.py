@@ -327,7 +327,10 @@ def test_nvfp4_flash_quantizes_kv_b_proj_counts_tokens_and_covers_a_dead_expert(
     assert coverage["layers"]["2"]["per_expert"][5] == 0
     assert coverage["scale_sources"]["fallback"]["experts"] == ["2.5"]
     reader = CheckpointReader(tmp_path)
-    scale = lambda e, p: float(reader.get(f"model.layers.2.mlp.experts.{e}.{p}.input_global_scale"))  # noqa: E731
+
+    def scale(e, p):
+        return float(reader.get(f"model.layers.2.mlp.experts.{e}.{p}.input_global_scale"))
+
     covered = [e for e in range(8) if e != 5]
     assert scale(5, "gate_proj") == scale(5, "up_proj") == min(scale(e, "gate_proj") for e in covered)
     assert scale(5, "down_proj") == min(scale(e, "down_proj") for e in covered)
@@ -336,3 +339,35 @@ def test_nvfp4_flash_quantizes_kv_b_proj_counts_tokens_and_covers_a_dead_expert(
     assert kv_b.layout == "ct_nvfp4" and 0 < kv_b.input_scale < math.inf
     source_reader = CheckpointReader(Path(source.folder))
     assert relative_error(kv_b.weight, source_reader.get("model.layers.1.self_attn.kv_b_proj.weight")) < 0.11
+
+
+# --- `quantize run` on the bundled tiny FP8-block recipes (slow: the whole pipeline) -------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe_name", "model"), [(FP8_RECIPE, "tiny_glm47"), (FLASH_FP8_RECIPE, "tiny_glm47_flash")])
+def test_quantize_run_writes_a_clean_fp8_block_checkpoint_with_the_mtp_layer(recipe_name, model, tmp_path, request):
+    from sm120_quant.pipeline import run_recipe
+
+    source = request.getfixturevalue(model)
+    folder = tmp_path / "ckpt"
+    report = run_recipe(load_recipe(recipe_name), output=folder, device="cpu", progress=False)
+
+    assert report.check["summary"] == {"errors": 0, "warnings": 0}
+    by_type = report.weight_error["by_type"]
+    assert all(0.024 < t["mean"] and t["max"] < 0.029 for t in by_type.values()), by_type
+    assert sum(t["count"] for k, t in by_type.items() if k.startswith("routed_expert.")) == 72
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["block_structure"] == [128, 128]
+    # The MTP layer (model.layers.4.*) is back, byte for byte BF16, and every module of it is ignored.
+    src, out = CheckpointReader(source), CheckpointReader(folder)
+    mtp = [k for k in src.keys() if k.startswith("model.layers.4.")]
+    assert len(mtp) > 30 and all(torch.equal(src.get(k), out.get(k)) for k in mtp)
+    modules = {k.rsplit(".", 1)[0] for k in mtp if k.endswith(".weight")}
+    assert all(any(ct_matches(e, m) for e in qc["ignore"]) for m in modules)
+    if recipe_name == FLASH_FP8_RECIPE:
+        # q_a_proj / kv_a_proj_with_mqa quantized together; kv_a's 80 rows get one partial block row.
+        assert out.get("model.layers.1.self_attn.kv_a_proj_with_mqa.weight").dtype == torch.float8_e4m3fn
+        assert tuple(out.get("model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale").shape) == (1, 2)
+        assert out.get("model.layers.1.self_attn.kv_b_proj.weight").dtype == torch.bfloat16
+        assert "model.layers.1.self_attn.kv_b_proj" in qc["ignore"]

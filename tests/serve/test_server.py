@@ -46,7 +46,8 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_server_starts_within_a_minute_on_loopback(vllm_server):
     assert vllm_server.url.startswith("http://127.0.0.1:")
-    if vllm_server.load_at_start > os.cpu_count():
+    # Other jobs on a two-core machine (load twice the cores) triple the start time; that says nothing about vLLM.
+    if vllm_server.load_at_start > 2 * os.cpu_count():
         pytest.skip(
             f"started in {vllm_server.startup_s:.0f} s with load {vllm_server.load_at_start:.1f} on the machine"
         )

@@ -21,10 +21,10 @@ import re
 import struct
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sm120_quant.errors import UserError
 from sm120_quant.exporters.safetensors_header import SafetensorsHeader, TensorInfo, TensorReader, read_header
@@ -290,8 +290,7 @@ def layer_of(name: str) -> int | None:
 # Loading: config files, index and headers. Every unusable input is a UserError (exit 2).
 
 
-@dataclass(frozen=True, slots=True)
-class TensorRef:
+class TensorRef(NamedTuple):
     file: str
     info: TensorInfo
 
@@ -353,15 +352,18 @@ def _exclude_matcher(layout: Layout, patterns: tuple[str, ...]) -> Callable[[str
     """
     exact = frozenset(p for p in patterns if not p.startswith("re:") and not any(c in p for c in "*?["))
     if layout is Layout.MODELOPT_NVFP4:
-        prefixes = tuple(p[:-1] for p in patterns if p.endswith("*") and not any(c in p[:-1] for c in "*?["))
+        prefixes = frozenset(p[:-1] for p in patterns if p.endswith("*") and not any(c in p[:-1] for c in "*?["))
+        dotted = tuple(p + "." for p in prefixes)
         globs = tuple(p for p in patterns if any(c in p for c in "*?[") and p[:-1] not in prefixes)
 
         def modelopt(module: str) -> bool:
-            if module in exact or any(module == p or module.startswith(p + ".") for p in prefixes):
+            if module in exact or module in prefixes or module.startswith(dotted):
                 return True
-            parts = module.split(".")
-            if any(".".join(parts[:i]) in exact for i in range(1, len(parts))):
-                return True
+            parent = module
+            while "." in parent:
+                parent = parent.rpartition(".")[0]
+                if parent in exact:
+                    return True
             return any(fnmatch.fnmatchcase(module, g) for g in globs)
 
         return modelopt
@@ -371,7 +373,8 @@ def _exclude_matcher(layout: Layout, patterns: tuple[str, ...]) -> Callable[[str
             try:
                 regexes.append(re.compile(p[3:]))
             except re.error as e:
-                raise UserError(f"quantization_config.ignore: {p!r} is not a valid regex ({e}); fix the pattern") from None
+                raise UserError(f"quantization_config.ignore: {p!r} is not a valid regex ({e}); fix the pattern") \
+                    from None
 
     def compressed_tensors(module: str) -> bool:
         return module in exact or any(r.match(module) for r in regexes)
@@ -432,7 +435,8 @@ def _modelopt_spec(path: Path, qc: Mapping[str, Any] | None, hf_quant: Mapping[s
     if qc is not None:
         exclude, exclude_key = qc.get("ignore", []), "config.json:quantization_config.ignore"
         scheme = qc.get("kv_cache_scheme")
-        kv = "FP8" if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8 else None
+        fp8 = isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8
+        kv = "FP8" if fp8 else None
         if legacy is not None and kv != (legacy.get("kv_cache_quant_algo") or None):
             findings.append(Finding(
                 Level.WARN, Rule.CONFIG, "config.json:quantization_config.kv_cache_scheme",
@@ -469,7 +473,8 @@ def _modelopt_spec(path: Path, qc: Mapping[str, Any] | None, hf_quant: Mapping[s
             "into the wrong shape.", "Set group_size to 16 (and re-export if the scales really use another size)."))
     if kv not in (None, "FP8", "NVFP4"):
         findings.append(Finding(
-            Level.ERROR, Rule.CONFIG, f"{HF_QUANT_CONFIG}:quantization.kv_cache_quant_algo", f"kv_cache_quant_algo {kv!r}",
+            Level.ERROR, Rule.CONFIG, f"{HF_QUANT_CONFIG}:quantization.kv_cache_quant_algo",
+            f"kv_cache_quant_algo {kv!r}",
             "vLLM accepts only FP8 and NVFP4 (KV_CACHE_QUANT_ALGOS) and raises ValueError.",
             "Set kv_cache_quant_algo to FP8 or null."))
     return QuantSpec(Layout.MODELOPT_NVFP4, algo, tuple(exclude), exclude_key, kv, tuple(findings))
@@ -518,6 +523,23 @@ def _ct_spec(path: Path, qc: Mapping[str, Any]) -> QuantSpec:
     return QuantSpec(layout, str(layout), tuple(ignore), "config.json:quantization_config.ignore", kv, tuple(findings))
 
 
+def _index_findings(weight_map: Mapping[str, str], tensors: Mapping[str, TensorRef]) -> Iterator[Finding]:
+    for name, f in weight_map.items():
+        if name not in tensors:
+            yield Finding(Level.ERROR, Rule.INDEX, name, f"listed in the index under {f} but in no shard header",
+                          "transformers and SGLang fail to find the tensor; vLLM never loads it.",
+                          "Regenerate model.safetensors.index.json from the shard headers.")
+        elif tensors[name].file != f:
+            yield Finding(Level.ERROR, Rule.INDEX, name, f"index says {f}, the tensor is in {tensors[name].file}",
+                          "Loaders that open the file the index names fail to find the tensor.",
+                          "Regenerate model.safetensors.index.json from the shard headers.")
+    for name, ref in tensors.items():
+        if name not in weight_map:
+            yield Finding(Level.WARN, Rule.INDEX, name, f"in {ref.file} but not in the index",
+                          "transformers ignores it; vLLM loads it because it reads whole files.",
+                          "Add it to model.safetensors.index.json or remove it from the shard.")
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read the config files and every shard header; no tensor data."""
     path = Path(path)
@@ -549,32 +571,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
     headers = {f: read_header(path / f) for f in files}
     tensors: dict[str, TensorRef] = {}
     for f, header in headers.items():
-        for name, info in header.tensors.items():
-            if name in tensors:
-                findings.append(Finding(
-                    Level.ERROR, Rule.INDEX, name, f"stored in both {tensors[name].file} and {f}",
-                    "vLLM loads both copies in file order and the later one wins; transformers loads the index's.",
-                    "Keep one copy and fix the index."))
-                continue
-            tensors[name] = TensorRef(f, info)
-    if weight_map is not None:
-        for name, f in weight_map.items():
-            if name not in tensors:
-                findings.append(Finding(
-                    Level.ERROR, Rule.INDEX, name, f"listed in the index under {f} but in no shard header",
-                    "transformers and SGLang fail to find the tensor; vLLM never loads it.",
-                    "Regenerate model.safetensors.index.json from the shard headers."))
-            elif tensors[name].file != f:
-                findings.append(Finding(
-                    Level.ERROR, Rule.INDEX, name, f"index says {f}, the tensor is in {tensors[name].file}",
-                    "Loaders that open the file the index names fail to find the tensor.",
-                    "Regenerate model.safetensors.index.json from the shard headers."))
-        for name, ref in tensors.items():
-            if name not in weight_map:
-                findings.append(Finding(
-                    Level.WARN, Rule.INDEX, name, f"in {ref.file} but not in the index",
-                    "transformers ignores it; vLLM loads it because it reads whole files.",
-                    "Add it to model.safetensors.index.json or remove it from the shard."))
+        for name in header.tensors.keys() & tensors.keys():
+            findings.append(Finding(
+                Level.ERROR, Rule.INDEX, name, f"stored in both {tensors[name].file} and {f}",
+                "vLLM loads both copies in file order and the later one wins; transformers loads the index's.",
+                "Keep one copy and fix the index."))
+        make = tuple.__new__  # the same TensorRef, without NamedTuple's Python-level __new__ (90k+ of them)
+        tensors |= {name: make(TensorRef, (f, info)) for name, info in header.tensors.items() if name not in tensors}
+    if weight_map is not None and weight_map != {name: ref.file for name, ref in tensors.items()}:
+        findings.extend(_index_findings(weight_map, tensors))
     return Checkpoint(path, config, hf_quant, quant, index, headers, tensors, tuple(findings))
 
 
@@ -582,26 +587,32 @@ def load_checkpoint(path: Path) -> Checkpoint:
 # Model structure: the Linear modules, their expected shapes from config.json, the fused groups.
 
 
-@dataclass
 class Module:
-    name: str
-    params: dict[str, TensorRef] = field(default_factory=dict)
+    """One Linear of the checkpoint and what the rules ask about it, worked out once (GLM-4.7 has 44k of them)."""
 
-    @property
-    def proj(self) -> str:
-        return self.name.rpartition(".")[2]
+    __slots__ = ("category", "excluded", "fweight", "mtp", "name", "params", "parent", "proj", "quantized", "qweight",
+                 "shape")
 
-    @property
-    def parent(self) -> str:
-        return self.name.rpartition(".")[0]
+    def __init__(self, name: str):
+        self.name = name
+        self.params: dict[str, TensorRef] = {}
+        self.parent, _, self.proj = name.rpartition(".")
+        self.category = ("expert" if ".mlp.experts." in name else "shared" if ".mlp.shared_experts." in name
+                         else "dense" if ".mlp." in name else "attn")
+        self.qweight: TensorRef | None = None  # the weight in a quantized dtype
+        self.fweight: TensorRef | None = None  # the weight in BF16/F16/F32
+        self.quantized = False  # a quantized weight or any quantization tensor
+        self.excluded = False
+        self.mtp = False
+        self.shape: tuple[int, int] | None = None  # (out, in)
 
     @property
     def is_expert(self) -> bool:
-        return ".mlp.experts." in self.name
+        return self.category == "expert"
 
     @property
     def is_shared_expert(self) -> bool:
-        return ".mlp.shared_experts." in self.name
+        return self.category == "shared"
 
 
 def _int(cfg: Mapping[str, Any], key: str) -> int | None:
@@ -609,23 +620,23 @@ def _int(cfg: Mapping[str, Any], key: str) -> int | None:
     return v if type(v) is int and v > 0 else None
 
 
-def config_shape(cfg: Mapping[str, Any], module: str) -> tuple[int, int] | None:
+def config_shape(cfg: Mapping[str, Any], category: str, proj: str) -> tuple[int, int] | None:
     """(out, in) of a Linear from config.json, for the GLM-4.7 (glm4_moe) and GLM-4.7-Flash (glm4_moe_lite) layouts;
-    None when the config does not determine it (another architecture, or a key missing)."""
+    `category` is attn, dense, shared or expert. None when the config does not determine it (another
+    architecture, or a key missing)."""
     model_type = cfg.get("model_type")
     hidden = _int(cfg, "hidden_size")
     if model_type not in ("glm4_moe", "glm4_moe_lite") or hidden is None:
         return None
-    proj = module.rpartition(".")[2]
-    if ".mlp." in module:
-        if ".mlp.experts." in module:
+    if category != "attn":
+        if category == "expert":
             inter = _int(cfg, "moe_intermediate_size")
-        elif ".mlp.shared_experts." in module:
+        elif category == "shared":
             moe, shared = _int(cfg, "moe_intermediate_size"), _int(cfg, "n_shared_experts")
             inter = moe * shared if moe and shared else None
         else:
             inter = _int(cfg, "intermediate_size")
-        if inter is None:
+        if inter is None or proj not in ("gate_proj", "up_proj", "down_proj"):
             return None
         return (hidden, inter) if proj == "down_proj" else (inter, hidden)
     heads = _int(cfg, "num_attention_heads")
@@ -655,6 +666,11 @@ def is_mla(cfg: Mapping[str, Any]) -> bool:
 # The run: one context shared by the rules.
 
 
+# Scalars of one shard are read with a single positioned read when they lie within this span (safetensors' writer
+# puts all fp32 tensors together, so in real exports they do).
+SCALAR_SPAN = 16 << 20
+
+
 class CheckContext:
     def __init__(self, ckpt: Checkpoint, runtime: Runtime | None, tp: int | None, deep: bool):
         self.ckpt = ckpt
@@ -671,8 +687,23 @@ class CheckContext:
         for name, ref in ckpt.tensors.items():
             module, _, leaf = name.rpartition(".")
             if module.rpartition(".")[2] in LINEAR_PROJS:
-                self.modules.setdefault(module, Module(module)).params[leaf] = ref
+                m = self.modules.get(module)
+                if m is None:
+                    m = self.modules[module] = Module(module)
+                m.params[leaf] = ref
+        shapes: dict[tuple[str, str], tuple[int, int] | None] = {}
+        for m in self.modules.values():
+            m.qweight, m.fweight = self._quantized_weight(m.params), self._float_weight(m.params)
+            m.quantized = m.qweight is not None or not QUANT_LEAVES.isdisjoint(m.params)
+            m.excluded = self._exclude_match(m.name)
+            m.mtp = self.is_mtp(m.name)
+            key = (m.category, m.proj)
+            if key not in shapes:
+                shapes[key] = config_shape(ckpt.config, m.category, m.proj)
+            m.shape = shapes[key] or self._tensor_shape(m)
         self._readers: dict[str, TensorReader] = {}
+        self._scalars: dict[tuple[str, int], float] = {}
+        self.cache: dict[str, dict] = {}  # per-run memo tables of the rules
 
     # -- tensor access
     def reader(self, file: str) -> TensorReader:
@@ -680,8 +711,25 @@ class CheckContext:
             self._readers[file] = TensorReader(self.ckpt.path / file)
         return self._readers[file]
 
+    def prefetch_scalars(self, refs: list[TensorRef]) -> None:
+        """Read the fp32 scalars among `refs` with one read per shard when they sit close together."""
+        by_file: dict[str, list[TensorInfo]] = defaultdict(list)
+        for ref in refs:
+            if ref.info.dtype == "F32" and ref.info.end - ref.info.start == 4:
+                by_file[ref.file].append(ref.info)
+        for file, infos in by_file.items():
+            lo, hi = min(i.start for i in infos), max(i.end for i in infos)
+            if hi - lo > SCALAR_SPAN:
+                continue
+            buf = self.reader(file).read_span(lo, hi, "the scalar scales")
+            for i in infos:
+                self._scalars[(file, i.start)] = struct.unpack_from("<f", buf, i.start - lo)[0]
+
     def scalar(self, ref: TensorRef) -> float:
-        """The value of a one-element tensor (fp32 fast path: these are read by the thousand)."""
+        """The value of a one-element tensor."""
+        cached = self._scalars.get((ref.file, ref.info.start))
+        if cached is not None:
+            return cached
         data = self.reader(ref.file).read_bytes(ref.info)
         if ref.info.dtype == "F32" and len(data) == 4:
             return struct.unpack("<f", data)[0]
@@ -694,7 +742,7 @@ class CheckContext:
         for r in self._readers.values():
             r.close()
 
-    # -- module state
+    # -- names
     def excluded(self, module: str) -> bool:
         hit = self._excluded.get(module)
         if hit is None:
@@ -702,32 +750,29 @@ class CheckContext:
         return hit
 
     def is_mtp(self, name: str) -> bool:
-        return name.startswith(self.mtp_prefixes) if self.mtp_prefixes else False
+        return bool(self.mtp_prefixes) and name.startswith(self.mtp_prefixes)
 
-    def quantized_weight(self, m: Module) -> TensorRef | None:
-        ref = m.params.get(self.weight_spec.leaf)
+    # -- module facts, computed once in __init__
+    def _quantized_weight(self, params: Mapping[str, TensorRef]) -> TensorRef | None:
+        ref = params.get(self.weight_spec.leaf)
         if ref is not None and ref.info.dtype in self.weight_spec.dtypes:
             return ref
         # A weight in another layout's quantized form (U8 in an FP8 checkpoint, say) is still not a BF16 weight.
         for leaf in ("weight", "weight_packed"):
-            ref = m.params.get(leaf)
+            ref = params.get(leaf)
             if ref is not None and ref.info.dtype not in FLOAT_DTYPES:
                 return ref
         return None
 
-    def float_weight(self, m: Module) -> TensorRef | None:
-        ref = m.params.get("weight")
+    @staticmethod
+    def _float_weight(params: Mapping[str, TensorRef]) -> TensorRef | None:
+        ref = params.get("weight")
         return ref if ref is not None and ref.info.dtype in FLOAT_DTYPES else None
 
-    def is_quantized(self, m: Module) -> bool:
-        return self.quantized_weight(m) is not None or any(leaf in QUANT_LEAVES for leaf in m.params)
-
-    def shape(self, m: Module) -> tuple[int, int] | None:
-        """(out, in): from config.json, else from whichever weight tensor is there."""
-        derived = config_shape(self.ckpt.config, m.name)
-        if derived is not None:
-            return derived
-        ref = self.float_weight(m) or self.quantized_weight(m)
+    @staticmethod
+    def _tensor_shape(m: Module) -> tuple[int, int] | None:
+        """(out, in) from whichever weight tensor is there, for architectures config_shape does not know."""
+        ref = m.fweight or m.qweight
         if ref is None or len(ref.info.shape) != 2:
             return None
         out, cols = ref.info.shape
@@ -746,9 +791,9 @@ def _rule_tensors(ctx: CheckContext) -> Iterator[Finding]:
     """Per quantized / excluded / BF16 Linear: dtypes, shapes, scales present, exclusion consistent."""
     layout = ctx.layout
     for m in ctx.modules.values():
-        excluded = ctx.excluded(m.name)
-        quantized = ctx.is_quantized(m)
-        qweight, fweight = ctx.quantized_weight(m), ctx.float_weight(m)
+        excluded = m.excluded
+        quantized = m.quantized
+        qweight, fweight = m.qweight, m.fweight
         if "pre_quant_scale" in m.params:
             yield _finding(
                 Level.ERROR, Rule.PRE_QUANT_SCALE, f"{m.name}.pre_quant_scale",
@@ -777,7 +822,7 @@ def _rule_tensors(ctx: CheckContext) -> Iterator[Finding]:
         if not quantized:
             if fweight is None:
                 continue
-            if ctx.is_mtp(m.name):
+            if m.mtp:
                 yield _finding(
                     Level.ERROR, Rule.MTP_NOT_EXCLUDED, m.name,
                     f"MTP layer module is {fweight.info.dtype} but not in {ctx.ckpt.quant.exclude_key}",
@@ -797,51 +842,65 @@ def _rule_tensors(ctx: CheckContext) -> Iterator[Finding]:
 
 
 def _quant_shape_text(ctx: CheckContext, m: Module) -> str:
-    shape = ctx.shape(m)
+    shape = m.shape
     spec = ctx.weight_spec
     dims = list(spec.shape(*shape)) if shape is not None else "[...]"
     return f"{spec.leaf} {'/'.join(sorted(spec.dtypes))} {dims}"
 
 
+def _expected_shapes(ctx: CheckContext, shape: tuple[int, int] | None) -> tuple[tuple[int, ...] | None, ...]:
+    """The expected shape of each of the layout's tensors for (out, in); None for scalars or an unknown shape."""
+    cache = ctx.cache.setdefault("expected_shapes", {})
+    if shape not in cache:
+        cache[shape] = tuple(None if spec.shape is None or shape is None else spec.shape(*shape)
+                             for spec in LAYOUT_PARAMS[ctx.layout])
+    return cache[shape]
+
+
 def _check_quantized_module(ctx: CheckContext, m: Module) -> Iterator[Finding]:
-    shape = ctx.shape(m)
-    for spec in LAYOUT_PARAMS[ctx.layout]:
+    shape = m.shape
+    for spec, expected in zip(LAYOUT_PARAMS[ctx.layout], _expected_shapes(ctx, shape), strict=True):
         ref = m.params.get(spec.leaf)
-        key = f"{m.name}.{spec.leaf}"
         if ref is None:
-            if spec.role is Role.INPUT_SCALE:
-                effect = ("vLLM leaves the static input scale uninitialized; the W4A4 MoE path folds it into the "
-                          "dequant alphas (w13_weight_scale_2 *= w13_input_scale), so the expert outputs garbage or "
-                          "zeros depending on the allocator (vllm#54427)." if m.is_expert else
-                          "vLLM leaves the static input scale uninitialized and quantizes activations with it.")
-            elif spec.role is Role.WEIGHT:
-                effect = "The layer has no weight to load; the runtime keeps uninitialized memory or raises."
-            else:
-                effect = (f"vLLM leaves {spec.leaf} uninitialized (newer builds fail with 'NVFP4 weight_scale ... "
-                          "was never loaded (still NaN)', vllm#52501).")
-            yield _finding(Level.ERROR, Rule.MISSING_SCALE, key, f"quantized {m.name} has no {spec.role.value} "
-                           f"({spec.leaf})", effect, "Re-export the checkpoint; this tensor cannot be derived.")
+            yield _missing(m, spec)
             continue
         info = ref.info
+        scalar_ok = spec.shape is not None or info.shape in SCALAR_SHAPES
+        if info.dtype in spec.dtypes and scalar_ok and (expected is None or info.shape == expected):
+            continue
         problems = []
         if info.dtype not in spec.dtypes:
             problems.append(f"dtype {info.dtype}, expected {'/'.join(sorted(spec.dtypes))}")
-        if spec.shape is None:
-            if info.shape not in SCALAR_SHAPES:
-                problems.append(f"shape {list(info.shape)}, expected a scalar ([] or [1])")
-        elif shape is not None and info.shape != spec.shape(*shape):
-            problems.append(f"shape {list(info.shape)}, expected {spec.expected(*shape)} for (out, in) = {shape}")
-        if problems:
-            yield _finding(
-                Level.ERROR, Rule.DTYPE_SHAPE, key, "; ".join(problems),
-                "vLLM's weight loaders assert the parameter shape (AssertionError at load) and copy_ casts dtypes "
-                "silently, so a wrong dtype changes the values and a wrong shape stops the load.",
-                "Re-export the checkpoint with the exact NVFP4 / FP8-block tensor layout.")
-    if is_nvfp4(ctx.layout) and shape is not None and shape[1] % 16:
+        if not scalar_ok:
+            problems.append(f"shape {list(info.shape)}, expected a scalar ([] or [1])")
+        elif expected is not None and info.shape != expected:
+            problems.append(f"shape {list(info.shape)}, expected {list(expected)} for (out, in) = {shape}")
+        yield _finding(
+            Level.ERROR, Rule.DTYPE_SHAPE, f"{m.name}.{spec.leaf}", "; ".join(problems),
+            "vLLM's weight loaders assert the parameter shape (AssertionError at load) and copy_ casts dtypes "
+            "silently, so a wrong dtype changes the values and a wrong shape stops the load.",
+            "Re-export the checkpoint with the exact NVFP4 / FP8-block tensor layout.")
+    if shape is not None and shape[1] % 16 and is_nvfp4(ctx.layout):
         yield _finding(
             Level.ERROR, Rule.DTYPE_SHAPE, m.name, f"in_features {shape[1]} is not a multiple of 16",
             "vLLM raises ValueError: Unsupported model when in features size is not multiple of 16.",
             f"Exclude {m.name} from quantization.")
+
+
+def _missing(m: Module, spec: ParamSpec) -> Finding:
+    if spec.role is Role.INPUT_SCALE:
+        effect = ("vLLM leaves the static input scale uninitialized; the W4A4 MoE path folds it into the dequant "
+                  "alphas (w13_weight_scale_2 *= w13_input_scale), so the expert outputs garbage or zeros depending "
+                  "on the allocator (vllm#54427)." if m.is_expert else
+                  "vLLM leaves the static input scale uninitialized and quantizes activations with it.")
+    elif spec.role is Role.WEIGHT:
+        effect = "The layer has no weight to load; the runtime keeps uninitialized memory or raises."
+    else:
+        effect = (f"vLLM leaves {spec.leaf} uninitialized (newer builds fail with 'NVFP4 weight_scale ... was never "
+                  "loaded (still NaN)', vllm#52501).")
+    return _finding(Level.ERROR, Rule.MISSING_SCALE, f"{m.name}.{spec.leaf}",
+                    f"quantized {m.name} has no {spec.role.value} ({spec.leaf})", effect,
+                    "Re-export the checkpoint; this tensor cannot be derived.")
 
 
 FUSED_NAMES = {"q_proj": "qkv_proj", "gate_proj": "gate_up_proj", "q_a_proj": "fused_qkv_a_proj"}
@@ -849,13 +908,16 @@ FUSED_NAMES = {"q_proj": "qkv_proj", "gate_proj": "gate_up_proj", "q_a_proj": "f
 
 def fused_groups(ctx: CheckContext) -> Iterator[tuple[str, tuple[str, ...], list[Module]]]:
     """(parent, group, present members) for every fused group with at least two members in the checkpoint."""
-    seen: set[tuple[str, tuple[str, ...]]] = set()
-    for m in ctx.modules.values():
+    modules = ctx.modules
+    for m in modules.values():
         group = _FUSED_OF.get(m.proj)
-        if group is None or (m.parent, group) in seen:
+        if group is None:
             continue
-        seen.add((m.parent, group))
-        members = [ctx.modules[f"{m.parent}.{p}"] for p in group if f"{m.parent}.{p}" in ctx.modules]
+        prefix = m.parent + "."
+        # Each group is yielded from its first member present in the checkpoint.
+        if m.proj != group[0] and any(prefix + p in modules for p in group[:group.index(m.proj)]):
+            continue
+        members = [x for x in (modules.get(prefix + p) for p in group) if x is not None]
         if len(members) >= 2:
             yield m.parent, group, members
 
@@ -863,10 +925,14 @@ def fused_groups(ctx: CheckContext) -> Iterator[tuple[str, tuple[str, ...], list
 def _rule_fused(ctx: CheckContext) -> Iterator[Finding]:
     """Fused groups: all members quantized alike, one shared global and input scale."""
     glob_spec, in_spec = param(ctx.layout, Role.GLOBAL_SCALE), param(ctx.layout, Role.INPUT_SCALE)
-    for parent, group, members in fused_groups(ctx):
+    groups = list(fused_groups(ctx))
+    if glob_spec is not None:
+        ctx.prefetch_scalars([r for _, _, members in groups for x in members
+                              for r in (x.params.get(glob_spec.leaf), x.params.get(in_spec.leaf)) if r is not None])
+    for _, group, members in groups:
         m = members[0]
-        state = {x.name: ctx.is_quantized(x) for x in members}
-        excl = {x.name: ctx.excluded(x.name) for x in members}
+        state = {x.name: x.quantized for x in members}
+        excl = {x.name: x.excluded for x in members}
         fused_name = FUSED_NAMES[group[0]]
         if len(set(state.values())) > 1 or len(set(excl.values())) > 1:
             yield _finding(
@@ -880,7 +946,7 @@ def _rule_fused(ctx: CheckContext) -> Iterator[Finding]:
             continue
         if not all(state.values()) or glob_spec is None:
             continue
-        if any(ctx.excluded(x.name) for x in members):
+        if any(x.excluded for x in members):
             continue
         yield from _compare_scales(ctx, m.parent, members, glob_spec, fused_name, "weight")
         yield from _compare_scales(ctx, m.parent, members, in_spec, fused_name, "input")
@@ -920,7 +986,7 @@ def _rule_exclusion_groups(ctx: CheckContext) -> Iterator[Finding]:
     by_layer: dict[str, dict[bool, int]] = defaultdict(lambda: {True: 0, False: 0})
     for m in ctx.modules.values():
         if m.is_expert:
-            by_layer[m.name.partition(".mlp.experts.")[0] + ".mlp.experts"][ctx.is_quantized(m)] += 1
+            by_layer[m.name.partition(".mlp.experts.")[0] + ".mlp.experts"][m.quantized] += 1
     for experts, counts in by_layer.items():
         if counts[True] and counts[False]:
             yield _finding(
@@ -932,7 +998,8 @@ def _rule_exclusion_groups(ctx: CheckContext) -> Iterator[Finding]:
 
 
 def _rule_deep(ctx: CheckContext) -> Iterator[Finding]:
-    """--deep: NaN/negative block scales, zero or non-finite scalar scales, all-zero weights."""
+    """--deep: NaN E4M3 block scales, non-positive FP8-block scales, zero or non-finite scalar scales, all-zero
+    weights."""
     if not ctx.deep:
         return
     import torch
@@ -950,8 +1017,8 @@ def _rule_deep(ctx: CheckContext) -> Iterator[Finding]:
                         Level.ERROR, Rule.BLOCK_SCALES, key, f"{nan} block scale byte(s) are NaN (0x7F/0xFF)",
                         "One NaN block scale makes the FP4 GEMM output NaN for every token; the model prints '!!!!' "
                         "(newer vLLM also refuses NaN scales at load).",
-                        f"Clamp them to 448 (`quantize fix --only {Rule.BLOCK_SCALES}`; with --source the block is "
-                        "re-quantized from the BF16 weight).")
+                        f"Clamp them to 448 (`quantize fix --only {Rule.BLOCK_SCALES}`), or re-export with block "
+                        "scales clamped before the E4M3 cast.")
             elif leaf == "weight_scale" and ref.info.dtype in FLOAT_DTYPES and len(ref.info.shape) == 2:
                 t = ctx.tensor(ref).float()
                 bad = int((~torch.isfinite(t) | (t <= 0)).sum())
@@ -967,7 +1034,7 @@ def _rule_deep(ctx: CheckContext) -> Iterator[Finding]:
                         "A zero or non-finite global/input scale turns the layer's output into zeros, inf or NaN "
                         "(compressed-tensors divides by the global scale; ModelOpt multiplies by it).",
                         "Re-calibrate this layer; the scale cannot be recovered from the checkpoint.")
-        q = ctx.quantized_weight(m)
+        q = m.qweight
         if q is not None:
             raw = ctx.reader(q.file).read_bytes(q.info)
             # Both zero encodings: E2M1 codes 0 and 8 (both nibbles), E4M3 0x00 and 0x80.
@@ -999,7 +1066,7 @@ def _rule_kv(ctx: CheckContext) -> Iterator[Finding]:
     kv = _kv_tensors(ctx)
     declared = ctx.ckpt.quant.kv_cache
     attn_layers = sorted({layer_of(m.name) for m in ctx.modules.values()
-                          if ".self_attn." in m.name and not ctx.is_mtp(m.name)} - {None})
+                          if ".self_attn." in m.name and not m.mtp} - {None})
     if declared and not kv:
         yield _finding(
             Level.WARN, Rule.KV_SCALES, "kv_cache_quant_algo",
@@ -1067,9 +1134,9 @@ def _tp_modules(ctx: CheckContext) -> dict[str, tuple[str, tuple[int, int], int]
     """One representative quantized module per kind: kind -> (module name, (out, in), count)."""
     kinds: dict[str, tuple[str, tuple[int, int], int]] = {}
     for m in ctx.modules.values():
-        if ctx.excluded(m.name) or not ctx.is_quantized(m) or ctx.is_mtp(m.name):
+        if m.excluded or not m.quantized or m.mtp:
             continue
-        shape = ctx.shape(m)
+        shape = m.shape
         if shape is None:
             continue
         kind = ("expert" if m.is_expert else "shared" if m.is_shared_expert else
@@ -1108,7 +1175,7 @@ def _more(count: int) -> str:
 
 
 def _tp_nvfp4(ctx: CheckContext, kinds: Mapping[str, tuple[str, tuple[int, int], int]], tp: int) -> Iterator[Finding]:
-    for kind, (name, (out, in_), count) in sorted(kinds.items()):
+    for kind, (name, (_, in_), count) in sorted(kinds.items()):
         if kind == "expert.down_proj" and in_ % tp == 0 and (2 * (in_ // tp)) % 128:
             yield _finding(
                 Level.ERROR, Rule.TP_NVFP4, name + _more(count),
@@ -1129,7 +1196,8 @@ def _tp_nvfp4(ctx: CheckContext, kinds: Mapping[str, tuple[str, tuple[int, int],
                 "Choose a smaller TP size.")
 
 
-def _tp_fp8_block(ctx: CheckContext, kinds: Mapping[str, tuple[str, tuple[int, int], int]], tp: int) -> Iterator[Finding]:
+def _tp_fp8_block(ctx: CheckContext, kinds: Mapping[str, tuple[str, tuple[int, int], int]],
+                  tp: int) -> Iterator[Finding]:
     """vLLM `validate_fp8_block_shape` (fp8_utils.py) and the FusedMoE block checks, per vLLM layer."""
     cfg = ctx.ckpt.config
     block = 128
@@ -1227,7 +1295,7 @@ def _rule_mtp(ctx: CheckContext) -> Iterator[Finding]:
                 "to load the draft weights; plain decoding is unaffected.",
                 "Copy the BF16 MTP layer from the source checkpoint (`quantize fix --source BF16_DIR`).")
             continue
-        quantized = [m.name for m in ctx.modules.values() if m.name.startswith(prefix) and ctx.is_quantized(m)]
+        quantized = [m.name for m in ctx.modules.values() if m.name.startswith(prefix) and m.quantized]
         if quantized:
             yield _finding(
                 Level.WARN, Rule.MTP_QUANTIZED, quantized[0],
@@ -1253,9 +1321,9 @@ def _rule_router_and_shared(ctx: CheckContext) -> Iterator[Finding]:
                 "parameter to load into.", "Re-export with the router (mlp.gate) excluded.")
     if ctx.runtime is not None and ctx.runtime.name != "sglang":
         return
-    routed = any(m.is_expert and ctx.is_quantized(m) for m in ctx.modules.values())
-    shared = [m.name for m in ctx.modules.values() if m.is_shared_expert and not ctx.is_quantized(m)
-              and not ctx.is_mtp(m.name)]
+    routed = any(m.is_expert and m.quantized for m in ctx.modules.values())
+    shared = [m.name for m in ctx.modules.values() if m.is_shared_expert and not m.quantized
+              and not m.mtp]
     if routed and shared:
         yield _finding(
             Level.WARN, Rule.SHARED_EXPERTS_BF16, shared[0].rpartition(".")[0],

@@ -22,6 +22,7 @@ and renamed into place when complete.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -184,22 +185,29 @@ def _fix_fused_scales(plan: _Plan, _source) -> None:
     weight_leaf = param(ctx.layout, Role.WEIGHT).leaf
     glob_leaf = param(ctx.layout, Role.GLOBAL_SCALE).leaf
     in_leaf = param(ctx.layout, Role.INPUT_SCALE).leaf
-    for parent, group, members in fused_groups(ctx):
-        if not all(ctx.is_quantized(m) and not ctx.excluded(m.name) for m in members):
+    for _, _, members in fused_groups(ctx):
+        if not all(m.quantized and not m.excluded for m in members):
             continue
         names = [m.name for m in members]
         if not all(f"{n}.{leaf}" in ctx.ckpt.tensors for n in names for leaf in (weight_leaf, "weight_scale",
                                                                                glob_leaf, in_leaf)):
             continue
         stored = {n: plan.get(f"{n}.{glob_leaf}") for n in names}
+        if any(s.numel() != 1 for s in stored.values()):
+            continue  # a dtype/shape finding, not something to unify
         scale = {n: (1.0 / s.float() if reciprocal else s.float()).reshape(()) for n, s in stored.items()}
+        if not all(math.isfinite(float(v)) and float(v) > 0 for v in scale.values()):
+            continue  # a zero or non-finite scale (scalar-scales) cannot be unified with anything
         target_name = max(names, key=lambda n: float(scale[n]))
         target = scale[target_name]
         for n in names:
             if float(scale[n]) == float(target):
                 continue
-            before = dequantize_nvfp4(plan.get(f"{n}.{weight_leaf}"), plan.get(f"{n}.weight_scale"), scale[n])
-            q = quantize_nvfp4(before, target)
+            try:
+                before = dequantize_nvfp4(plan.get(f"{n}.{weight_leaf}"), plan.get(f"{n}.weight_scale"), scale[n])
+                q = quantize_nvfp4(before, target)
+            except ValueError as e:
+                raise UserError(f"{n}: cannot re-quantize ({e}); fix the tensors it names first") from None
             after = dequantize_nvfp4(q.packed, q.block_scale, target)
             error = float((after - before).norm() / before.norm()) if before.norm() > 0 else 0.0
             plan.put(f"{n}.{weight_leaf}", q.packed)
@@ -286,8 +294,8 @@ def _layer_entry(ctx: CheckContext, layer: int) -> str:
 
 def _bf16_unexcluded(ctx: CheckContext, mtp: bool) -> list[str]:
     return [m.name for m in ctx.modules.values()
-            if ctx.is_mtp(m.name) == mtp and not ctx.excluded(m.name) and not ctx.is_quantized(m)
-            and ctx.float_weight(m) is not None]
+            if m.mtp == mtp and not m.excluded and not m.quantized
+            and m.fweight is not None]
 
 
 def _fix_not_excluded(plan: _Plan, _source) -> None:
@@ -309,7 +317,7 @@ def _fix_mtp_not_excluded(plan: _Plan, _source) -> None:
 def _fix_excluded_scales(plan: _Plan, _source) -> None:
     ctx = plan.ctx
     for m in ctx.modules.values():
-        if ctx.excluded(m.name) and ctx.float_weight(m) is not None:
+        if m.excluded and m.fweight is not None:
             for leaf, ref in m.params.items():
                 if leaf in QUANT_LEAVES:
                     plan.drop.add(ref.info.name)
@@ -372,7 +380,10 @@ def _source_tensors(source: Path) -> dict[str, tuple[Path, TensorInfo]]:
     if not source.is_dir():
         raise UserError(f"--source {source}: not a checkpoint folder")
     if (source / INDEX_NAME).is_file():
-        files = sorted(set(read_json(source / INDEX_NAME).get("weight_map", {}).values()))
+        weight_map = read_json(source / INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise UserError(f"--source {source / INDEX_NAME}: weight_map is not a map of tensor names to files")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in source.glob("*.safetensors"))
     if not files:
@@ -428,7 +439,8 @@ def _write(ctx: CheckContext, plan: _Plan, source, tmp: Path) -> None:
     if ckpt.index is not None:
         if touched:
             index = dict(ckpt.index)
-            total = sum(h.file_size - h.data_start for h in (read_header(tmp / f) for f in sorted(set(weight_map.values()))))
+            headers = (read_header(tmp / f) for f in sorted(set(weight_map.values())))
+            total = sum(h.file_size - h.data_start for h in headers)
             index["metadata"] = dict(index.get("metadata") or {}, total_size=total)
             index["weight_map"] = dict(sorted(weight_map.items()))
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -33,12 +33,12 @@ def quantize(recipe: Recipe, model, tokenizer, source, calib, progress: bool = T
     reference = _logits(model, probe)
     if recipe.moe.expand_experts:
         _timed(quantized, "expand_experts", _expand, quantized)
-        _require_same_logits(model, probe, reference, "expanding the fused experts",
+        _require_same_logits(quantized, probe, reference, "expanding the fused experts",
                              "set moe.expand_experts: false")
     with calibration_loop(recipe, quantized, calib, progress=progress) as forward_loop:
         if recipe.scheme is Scheme.NVFP4_AWQ_LITE:
             _timed(quantized, "awq_search", _smooth, recipe, quantized, forward_loop)
-            _require_same_logits(model, probe, reference, "folding the AWQ-lite scales",
+            _require_same_logits(quantized, probe, reference, "folding the AWQ-lite scales",
                                  "report this model; use scheme: nvfp4 meanwhile")
         return _ENGINES[recipe.engine](recipe, quantized, calib, forward_loop)
 
@@ -54,7 +54,7 @@ def _expand(quantized: QuantizedModel) -> None:
 
     quantized.expanded_modules = expand_experts(quantized.model)
     quantized.notes.append(f"expanded {len(quantized.expanded_modules)} fused expert modules into per-expert "
-                           "linears; logits unchanged (bit-identical)")
+                           "linears")
 
 
 def _smooth(recipe: Recipe, quantized: QuantizedModel, forward_loop) -> None:
@@ -66,14 +66,31 @@ def _smooth(recipe: Recipe, quantized: QuantizedModel, forward_loop) -> None:
                         "linears); set it or use scheme: nvfp4")
     results = awq.smooth(quantized.model, forward_loop, recipe.exclude)
     quantized.smoothing = [r.to_dict() for r in results]
-    quantized.notes.append(awq.describe(results) + "; logits unchanged (bit-identical)")
+    quantized.notes.append(awq.describe(results))
 
 
-def _require_same_logits(model, probe: dict, reference, what: str, fix: str) -> None:
-    diff = float((_logits(model, probe) - reference).abs().max())
-    if diff != 0.0:
-        raise CheckFailed(f"{what} changed the logits (max |diff| {diff:g}) although it must be exact for this "
-                          f"architecture; {fix}")
+# On CPU the rewrites are bit-exact. On CUDA, cuBLAS picks kernels (and reduction orders) by shape, so two
+# [I]-row matmuls need not round like one [2I]-row matmul, and a rounding difference can flip a near-tied expert
+# choice: 1.4e-2 relative logits error was measured at GLM-4.7 dimensions (3 random layers, H200). A real mistake
+# (gate and up swapped, a scale not folded) moves the logits by order 1.
+CUDA_LOGITS_TOLERANCE = 5e-2
+
+
+def _require_same_logits(quantized: QuantizedModel, probe: dict, reference, what: str, fix: str) -> None:
+    from sm120_quant.verify.reader import relative_error
+
+    logits = _logits(quantized.model, probe)
+    diff = float((logits - reference).abs().max())
+    if logits.device.type == "cpu":
+        if diff != 0.0:
+            raise CheckFailed(f"{what} changed the logits (max |diff| {diff:g}) although it must be exact for this "
+                              f"architecture; {fix}")
+        quantized.notes.append(f"{what}: logits unchanged (bit-identical)")
+        return
+    rel = relative_error(logits, reference)
+    if rel > CUDA_LOGITS_TOLERANCE:
+        raise CheckFailed(f"{what} changed the logits (relative error {rel:.2e} > {CUDA_LOGITS_TOLERANCE:g}); {fix}")
+    quantized.notes.append(f"{what}: logits relative error {rel:.1e} (CUDA kernel rounding)")
 
 
 def _probe_batch(calib) -> dict:

@@ -138,7 +138,10 @@ def load_patch_set(folder: Path | None = None) -> PatchSet:
     """Load `index.yaml` and the patches it lists; every problem in every file is reported at once."""
     base = folder if folder is not None else Path(str(resources.files("sm120_quant.serve") / "patches"))
     problems: list[str] = []
-    index = PatchIndex.model_validate(yaml.safe_load((base / "index.yaml").read_text()))
+    try:
+        index = PatchIndex.model_validate(yaml.safe_load((base / "index.yaml").read_text()))
+    except (OSError, ValidationError, yaml.YAMLError) as e:
+        raise UserError(f"{base / 'index.yaml'}: {e}") from e
     patches: list[Patch] = []
     for pid in index.patches:
         path = base / f"{pid}.yaml"
@@ -167,9 +170,6 @@ class Status(enum.Enum):
     NOT_AFFECTED = "not needed: release not affected"
     DRIFTED = "refused: anchor drifted"
     PARTIAL = "refused: partly applied"
-
-
-OK_STATUSES = frozenset({Status.APPLIED, Status.FIXED_UPSTREAM, Status.NOT_AFFECTED})
 
 
 @dataclass(frozen=True)

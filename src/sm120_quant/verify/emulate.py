@@ -118,6 +118,18 @@ class Monitor:
     nonfinite: dict[str, int] = field(default_factory=dict)
     first_nonfinite: list[str] = field(default_factory=list)
     live: dict[str, bool] = field(default_factory=dict)
+    _last: tuple | None = None
+
+    def quantized_input(self, x: torch.Tensor, scheme: ActivationScheme, input_scale: float | None) -> torch.Tensor:
+        """`quantize_input`, computed once for fused siblings (q/k/v, gate/up), which get the same input tensor with
+        the same scheme and scale, as the runtime quantizes a fused layer's input once."""
+        key = (scheme, input_scale)
+        if self._last is not None and self._last[0] is x and self._last[1] == key:
+            return self._last[2]
+        # A non-finite input is already a finding upstream; quantizing it would only raise.
+        xq = quantize_input(x, scheme, input_scale) if bool(torch.isfinite(x).all()) else x
+        self._last = (x, key, xq)
+        return xq
 
     def observe(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         bad = int((~torch.isfinite(y)).sum())
@@ -135,6 +147,7 @@ class Monitor:
         self.nonfinite.clear()
         self.first_nonfinite.clear()
         self.live.clear()
+        self._last = None
 
 
 class QuantLinear(nn.Module):
@@ -148,9 +161,7 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A non-finite input is already a finding upstream; quantizing it would only raise.
-        xq = quantize_input(x, self.scheme, self.input_scale) if bool(torch.isfinite(x).all()) else x
-        y = nn.functional.linear(xq, self.weight, self.bias)
+        y = nn.functional.linear(self.monitor.quantized_input(x, self.scheme, self.input_scale), self.weight, self.bias)
         self.monitor.observe(self.name, x, y)
         return y
 
