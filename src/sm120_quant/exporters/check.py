@@ -1130,6 +1130,10 @@ def _rule_kv(ctx: CheckContext) -> Iterator[Finding]:
             f"Rename them to self_attn.k_scale / v_scale (`quantize fix --only {Rule.KV_SCALE_NAMES}`).")
 
 
+# kind ("expert.down_proj", "attn.q_proj", ...) -> (a module of that kind, its (out, in), how many there are)
+Kinds = Mapping[str, tuple[str, tuple[int, int], int]]
+
+
 def _tp_modules(ctx: CheckContext) -> dict[str, tuple[str, tuple[int, int], int]]:
     """One representative quantized module per kind: kind -> (module name, (out, in), count)."""
     kinds: dict[str, tuple[str, tuple[int, int], int]] = {}
@@ -1163,7 +1167,7 @@ def _rule_tp(ctx: CheckContext) -> Iterator[Finding]:
                        "Choose a TP size that divides, or is a multiple of, the KV head count.")
     kinds = _tp_modules(ctx)
     if is_nvfp4(ctx.layout):
-        yield from _tp_nvfp4(ctx, kinds, tp)
+        yield from _tp_nvfp4(kinds, tp)
     else:
         yield from _tp_fp8_block(ctx, kinds, tp)
     if ctx.runtime and ctx.runtime.name == "sglang" and is_nvfp4(ctx.layout):
@@ -1174,7 +1178,7 @@ def _more(count: int) -> str:
     return f" (and {count - 1} more like it)" if count > 1 else ""
 
 
-def _tp_nvfp4(ctx: CheckContext, kinds: Mapping[str, tuple[str, tuple[int, int], int]], tp: int) -> Iterator[Finding]:
+def _tp_nvfp4(kinds: Kinds, tp: int) -> Iterator[Finding]:
     for kind, (name, (_, in_), count) in sorted(kinds.items()):
         if kind == "expert.down_proj" and in_ % tp == 0 and (2 * (in_ // tp)) % 128:
             yield _finding(
@@ -1196,8 +1200,7 @@ def _tp_nvfp4(ctx: CheckContext, kinds: Mapping[str, tuple[str, tuple[int, int],
                 "Choose a smaller TP size.")
 
 
-def _tp_fp8_block(ctx: CheckContext, kinds: Mapping[str, tuple[str, tuple[int, int], int]],
-                  tp: int) -> Iterator[Finding]:
+def _tp_fp8_block(ctx: CheckContext, kinds: Kinds, tp: int) -> Iterator[Finding]:
     """vLLM `validate_fp8_block_shape` (fp8_utils.py) and the FusedMoE block checks, per vLLM layer."""
     cfg = ctx.ckpt.config
     block = 128
@@ -1253,8 +1256,7 @@ def _tp_fp8_block(ctx: CheckContext, kinds: Mapping[str, tuple[str, tuple[int, i
         yield from bad("attn.o_proj", [in_ // tp], "o_proj input per shard", row.format(in_ // tp), ignore_fix)
 
 
-def _tp_sglang_scale_dim(ctx: CheckContext, kinds: Mapping[str, tuple[str, tuple[int, int], int]],
-                         tp: int) -> Iterator[Finding]:
+def _tp_sglang_scale_dim(ctx: CheckContext, kinds: Kinds, tp: int) -> Iterator[Finding]:
     status = issue_status("sglang-nvfp4-scale-dim16", ctx.runtime)
     if status is Status.FIXED or status is None:
         return

@@ -310,7 +310,7 @@ def _fix_mtp_not_excluded(plan: _Plan, _source) -> None:
         entry = _layer_entry(ctx, layer)
         if entry not in plan.exclude:
             plan.exclude.append(entry)
-            plan.act(Rule.MTP_NOT_EXCLUDED, f"model.layers.{layer}", f"added {entry!r} to "
+            plan.act(Rule.MTP_NOT_EXCLUDED, f"model.layers.{layer}", f"added '{entry}' to "
                      f"{ctx.ckpt.quant.exclude_key}")
 
 

@@ -224,7 +224,7 @@ class Side:
         lm_head = "lm_head" if "lm_head.weight" in reader or not skeleton.config.tie_word_embeddings else None
         self.lm_head = (self.build("lm_head", skeleton.lm_head) if lm_head
                         else _tied_head(self.embed_tokens, skeleton.lm_head))
-        self.rotary = type(skeleton.model.rotary_emb)(config=skeleton.config, device=device)
+        self.rotary = type(skeleton.model.rotary_emb)(config=skeleton.config).to(device)
 
     @property
     def num_layers(self) -> int:

@@ -1,0 +1,146 @@
+"""`quantize run` end to end on the tiny models: the files, dtypes, shapes and numbers of a real NVFP4 export."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sm120_quant.cli.quantize_cmd import main
+from sm120_quant.pipeline import run_recipe
+from sm120_quant.quantize import formats
+from sm120_quant.recipes.load import load_recipe
+from sm120_quant.verify.reader import CheckpointReader
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["tiny-glm47-nvfp4", "tiny-glm47-flash-nvfp4"])
+def export(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / request.param
+    report = run_recipe(load_recipe(request.param), output=out, progress=False)
+    return request.param, out, report
+
+
+def _tensors(folder):
+    found = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                found[key] = (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape())
+    return found
+
+
+def test_every_quantized_linear_has_the_nvfp4_tensors(export):
+    _, folder, _ = export
+    tensors = _tensors(folder)
+    linears = sorted(k.removesuffix(".weight_scale_2") for k in tensors if k.endswith(".weight_scale_2"))
+    assert len(linears) == {"tiny-glm47-nvfp4": 100, "tiny-glm47-flash-nvfp4": 104}[export[0]]
+    for m in linears:
+        out, packed_in = tensors[f"{m}.weight"][1]
+        assert tensors[f"{m}.weight"][0] == "U8"
+        assert tensors[f"{m}.weight_scale"] == ("F8_E4M3", [out, packed_in * 2 // 16])
+        assert tensors[f"{m}.weight_scale_2"] == ("F32", [])
+        assert tensors[f"{m}.input_scale"] == ("F32", [])
+    assert not any(k.endswith("pre_quant_scale") for k in tensors)
+    assert tensors["model.layers.1.mlp.gate.weight"][0] == "BF16"
+    assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"][0] == "F32"
+    assert tensors["lm_head.weight"][0] == "BF16"
+    mtp = [k for k in tensors if k.startswith("model.layers.4.")]
+    assert mtp and all(tensors[k][0] in ("BF16", "F32") for k in mtp)
+
+
+def test_configs_agree_and_exclude_what_stays_bf16(export):
+    _, folder, _ = export
+    hf = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert hf["quant_algo"] == qc["quant_algo"] == "NVFP4"
+    assert hf["group_size"] == 16 and hf["kv_cache_quant_algo"] is None
+    assert hf["exclude_modules"] == qc["ignore"]
+    assert {"lm_head", "model.layers.1.mlp.gate", "model.layers.4*"} <= set(hf["exclude_modules"])
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(_tensors(folder))
+    source = load_recipe("tiny-glm47-nvfp4")  # the tokenizer files are the source's, byte for byte
+    from sm120_quant.models.load import resolve_source
+
+    src = resolve_source(source.recipe.model).folder
+    assert (folder / "chat_template.jinja").read_bytes() == (src / "chat_template.jinja").read_bytes()
+    assert (folder / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_fused_groups_share_global_and_input_scales(export):
+    _, folder, _ = export
+    reader = CheckpointReader(folder)
+    groups = [("gate_proj", "up_proj")]
+    groups += [("q_proj", "k_proj", "v_proj")] if "flash" not in export[0] else [("q_a_proj", "kv_a_proj_with_mqa")]
+    checked = 0
+    for module in reader.linear_modules():
+        for group in groups:
+            if module.endswith("." + group[0]):
+                base = module.removesuffix(group[0])
+                for suffix in ("weight_scale_2", "input_scale"):
+                    values = {float(reader.get(f"{base}{leaf}.{suffix}")) for leaf in group}
+                    assert len(values) == 1, (base, suffix, values)
+                checked += 1
+    assert checked >= 29
+
+
+def test_dequantized_error_per_layer_type_and_report(export):
+    _, folder, report = export
+    data = json.loads((folder / "report.json").read_text())
+    by_type = data["weight_error"]["by_type"]
+    assert {"routed_expert.gate_proj", "shared_expert.down_proj", "dense_mlp.up_proj"} <= set(by_type)
+    for layer_type, stats in by_type.items():
+        assert 0.09 < stats["mean"] < 0.10, (layer_type, stats)
+    assert data["checkpoint"] == str(folder) == report.checkpoint
+    assert data["check"]["summary"] == {"errors": 0, "warnings": 0}
+    assert data["recipe"]["sha256"] == load_recipe(export[0]).sha256
+    assert data["calibration"]["num_samples"] == 24
+    assert data["versions"]["nvidia-modelopt"] == "0.47.0"
+    assert set(data["timings_s"]) >= {"load", "calibration_data", "quantize", "export", "fixups_and_check"}
+    assert data["peak_memory_bytes"]["rss"] > 0
+    assert data["tensors"]["count"] == len(_tensors(folder))
+    assert (folder / "recipe.yaml").exists() and (folder / "expert_coverage.png").stat().st_size > 1000
+    assert not list(folder.parent.glob(f".{folder.name}.partial-*"))
+
+
+def test_dequantization_matches_a_fresh_quantization_of_the_source(export):
+    """The export's bytes are exactly what our reference quantizer makes from the source weight with the export's
+    global scale (ModelOpt export and formats.quantize_nvfp4 agree bit for bit)."""
+    _, folder, _ = export
+    from sm120_quant.models.load import resolve_source
+
+    source = CheckpointReader(resolve_source(load_recipe(export[0]).recipe.model).folder)
+    quant = CheckpointReader(folder)
+    for module in ("model.layers.0.mlp.down_proj", "model.layers.2.mlp.experts.5.up_proj",
+                   "model.layers.3.mlp.shared_experts.gate_proj"):
+        ours = formats.quantize_nvfp4(source.get(f"{module}.weight"), quant.get(f"{module}.weight_scale_2"))
+        assert torch.equal(ours.packed, quant.get(f"{module}.weight"))
+        assert torch.equal(ours.block_scale.view(torch.uint8), quant.get(f"{module}.weight_scale").view(torch.uint8))
+
+
+def test_existing_output_is_refused_without_overwrite(export, capsys):
+    _, folder, _ = export
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", export[0], "--output", str(folder)])
+    assert exit_info.value.code == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("recipe", ["tiny-glm47-nvfp4-awq", "tiny-glm47-flash-nvfp4-awq"])
+def test_awq_lite_exports_plain_nvfp4_that_checks_clean(recipe, tmp_path):
+    folder = tmp_path / recipe
+    run_recipe(load_recipe(recipe), output=folder, progress=False)
+    hf = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+    assert hf["quant_algo"] == "NVFP4"
+    tensors = _tensors(folder)
+    assert not any(k.endswith("pre_quant_scale") for k in tensors)
+    data = json.loads((folder / "report.json").read_text())
+    assert data["check"]["summary"] == {"errors": 0, "warnings": 0}
+    smoothing = data["quantization"]["smoothing"]
+    assert smoothing and any(g["alpha"] > 0 for g in smoothing)
+    assert all(g["loss_ratio"] <= 1.0 for g in smoothing)
+    assert any("folding the AWQ-lite scales: logits unchanged (bit-identical)" in n for n in data["notes"])
+    assert "smoothed BF16 weight" in data["weight_error"]["metric"]
