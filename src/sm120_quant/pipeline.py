@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from sm120_quant.errors import CheckFailed, UserError
@@ -69,13 +70,18 @@ def run_recipe(loaded: LoadedRecipe, output: Path | None = None, overwrite: bool
             checkpoint = export(quantized, recipe, staging)
         del model, quantized.model  # the export holds everything that follows; free the calibrated model
         with stats.stage("fixups_and_check"):
-            check = fix_and_check(checkpoint, recipe)
+            staging, check, fixed = fix_and_check(staging, recipe, source)
+            checkpoint = replace(checkpoint, folder=staging)
+        if fixed is not None:
+            rules = ", ".join(sorted({a.rule.value for a in fixed.actions}))
+            quantized.notes.append(f"fixups: {len(fixed.actions)} repairs ({rules}); max added weight error "
+                                   f"{fixed.max_added_error}")
         with stats.stage("weight_error"):
             from sm120_quant.verify.reader import weight_errors
 
             errors = quantized.weight_errors or weight_errors(source.folder, staging)
         report = build_report(loaded, source, calib, quantized, checkpoint, check, errors, stats)
-        report = report.with_checkpoint(target)
+        report = replace(report.with_checkpoint(target), fixups=fixed.to_dict() if fixed else None)
         write_report(report, staging, loaded, quantized.coverage_check)
         if check.errors:
             first = check.errors[0]
@@ -104,8 +110,34 @@ def _make_publishable(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def fix_and_check(checkpoint, recipe):
-    """Apply the recipe's fixups to the export in place (it is still our staging folder), then lint it."""
-    from sm120_quant.exporters.check import check_checkpoint
+def fixup_rules(fixups) -> set:
+    from sm120_quant.exporters.check import Rule
 
-    return check_checkpoint(checkpoint.folder, runtime=None, tp=None, deep=True)
+    rules = set()
+    if fixups.shared_global_scales:
+        rules.add(Rule.FUSED_SCALES)
+    if fixups.repair_e4m3_scales:
+        rules.add(Rule.BLOCK_SCALES)
+    if fixups.kv_scales:
+        rules |= {Rule.KV_SCALE_NAMES, Rule.KV_SCALES, Rule.KV_SCALES_MLA}
+    if fixups.exclusions:
+        rules |= {Rule.NOT_EXCLUDED, Rule.MTP_NOT_EXCLUDED, Rule.EXCLUDED_SCALES, Rule.ROUTER}
+    if fixups.copy_mtp:
+        rules |= {Rule.MTP_MISSING, Rule.MTP_QUANTIZED}
+    return rules
+
+
+def fix_and_check(folder: Path, recipe, source) -> tuple[Path, object, object]:
+    """Lint the export; when it has findings the recipe's fixups repair, write the repaired copy beside it (still a
+    hidden staging folder) and lint that. Returns (folder to publish, its check report, the fix result or None)."""
+    from sm120_quant.exporters.check import check_checkpoint
+    from sm120_quant.exporters.fix import fix_checkpoint
+
+    check = check_checkpoint(folder, runtime=None, tp=None, deep=True)
+    rules = fixup_rules(recipe.fixups) & check.rules()
+    if not rules:
+        return folder, check, None
+    fixed = folder.with_name(folder.name + "-fixed")
+    result = fix_checkpoint(folder, fixed, only=sorted(r.value for r in rules), source=source.folder)
+    shutil.rmtree(folder)
+    return fixed, result.after, result

@@ -73,6 +73,7 @@ class Report:
     checkpoint_bytes: int
     check: dict
     notes: list
+    fixups: dict | None = None  # what the recipe's fixups repaired (exporters.fix), None when nothing needed it
 
     def with_checkpoint(self, folder: Path) -> Report:
         """The report once the staging folder has been renamed into place."""

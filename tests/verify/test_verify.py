@@ -121,9 +121,10 @@ def test_metrics_equal_reference(glm47_nvfp4, trained_glm47, glm47_nvfp4_report)
 
     source, quant = _reference_models(glm47_nvfp4, trained_glm47)
     tokenizer = AutoTokenizer.from_pretrained(trained_glm47)
-    routes = {"s": {}, "q": {}}
+    routes, outputs = {"s": {}, "q": {}}, {"s": {}, "q": {}}
     for tag, model in (("s", source), ("q", quant)):
         for i, layer in enumerate(model.model.layers):
+            layer.register_forward_hook(lambda m, a, out, i=i, tag=tag: outputs[tag].__setitem__(i, out))
             if hasattr(layer.mlp, "gate") and not isinstance(layer.mlp.gate, torch.nn.Linear):
                 layer.mlp.gate.register_forward_hook(
                     lambda m, a, out, i=i, tag=tag: routes[tag].setdefault(i, []).append(out[2]))
@@ -132,8 +133,7 @@ def test_metrics_equal_reference(glm47_nvfp4, trained_glm47, glm47_nvfp4_report)
     with torch.no_grad():
         for text in PROMPTS:
             ids = torch.tensor([tokenizer(text)["input_ids"][:TOKENS]])
-            out_s = source(ids, output_hidden_states=True)
-            out_q = quant(ids, output_hidden_states=True)
+            out_s, out_q = source(ids), quant(ids)
             ls, lq = out_s.logits[0].double(), out_q.logits[0].double()
             for t in range(ls.shape[0]):
                 cos.append(float(torch.dot(ls[t], lq[t]) / (ls[t].norm() * lq[t].norm())))
@@ -144,7 +144,7 @@ def test_metrics_equal_reference(glm47_nvfp4, trained_glm47, glm47_nvfp4_report)
             nll_q.append(float(torch.nn.functional.cross_entropy(lq[:-1], ids[0, 1:], reduction="sum")))
             positions += ls.shape[0] - 1
             for i in range(len(source.model.layers)):
-                hs, hq = out_s.hidden_states[i + 1], out_q.hidden_states[i + 1]
+                hs, hq = outputs["s"][i], outputs["q"][i]
                 err2[i][0] += float((hq - hs).double().pow(2).sum())
                 err2[i][1] += float(hs.double().pow(2).sum())
     r = glm47_nvfp4_report
@@ -183,22 +183,26 @@ def test_weight_errors_equal_reference(glm47_nvfp4, trained_glm47, glm47_nvfp4_r
 L = 2
 
 
-@pytest.mark.parametrize("fault, check, module", [
-    (swap_nibbles(f"model.layers.{L}.mlp.experts.3.down_proj"), "weight_error",
-     f"model.layers.{L}.mlp.experts.3.down_proj"),
-    (own_up_global_scale(f"model.layers.{L}.mlp.experts.5"), "weight_error", f"model.layers.{L}.mlp.experts.5.up_proj"),
-    (zero_input_scale(f"model.layers.{L}.mlp.experts.1.down_proj"), "defect",
-     f"model.layers.{L}.mlp.experts.1.down_proj"),
-    (nan_block_scale(f"model.layers.{L}.mlp.experts.6.gate_proj"), "defect",
-     f"model.layers.{L}.mlp.experts.6.gate_proj"),
-    (rescale_norm_not_router(L), "weight_error", f"model.layers.{L}.mlp.gate"),
+@pytest.mark.parametrize("make_fault, check, target", [
+    (swap_nibbles, "weight_error", "experts.{e}.down_proj"),
+    (own_up_global_scale, "weight_error", "experts.{e}"),
+    (zero_input_scale, "defect", "experts.{e}.down_proj"),
+    (nan_block_scale, "defect", "experts.{e}.gate_proj"),
+    (rescale_norm_not_router, "weight_error", None),
 ], ids=["swapped-nibbles", "gate-up-global-scale", "zero-input-scale", "nan-block-scale", "norm-not-router"])
-def test_planted_fault_nvfp4(glm47_nvfp4, trained_glm47, glm47_nvfp4_report, tmp_path, fault, check, module):
+def test_planted_fault_nvfp4(glm47_nvfp4, trained_glm47, glm47_nvfp4_report, tmp_path, make_fault, check, target):
+    clean = glm47_nvfp4_report
+    # The expert the held-out tokens use most, so the runtime's NaN shows up in outputs too, not only statically.
+    busiest = max(range(8), key=lambda e: clean.layers[L].expert_tokens[e])
+    if target is None:
+        fault, module = make_fault(L), f"model.layers.{L}.mlp.gate"
+    else:
+        fault = make_fault(f"model.layers.{L}.mlp." + target.format(e=busiest))
+        module = f"model.layers.{L}.mlp." + target.format(e=busiest) + (".up_proj" if target.endswith("}") else "")
     r = _verify(planted(glm47_nvfp4, tmp_path / "ckpt", fault), trained_glm47)
     assert not r.passed
     first = r.failures[0]
     assert (first.check, first.layer, first.module) == (check, L, module)
-    clean = glm47_nvfp4_report
     errors = {m.module: m.error for m in r.modules}
     if check == "weight_error" and module.endswith("down_proj"):
         assert errors[module] > 1.0  # the reference dequantizer measures 1.41 with swapped nibbles
@@ -213,8 +217,8 @@ def test_planted_fault_nvfp4(glm47_nvfp4, trained_glm47, glm47_nvfp4_report, tmp
 
 
 @pytest.mark.parametrize("fault, check, module", [
-    (nan_block_scale(f"model.layers.{L}.mlp.experts.6.gate_proj"), "defect",
-     f"model.layers.{L}.mlp.experts.6.gate_proj"),
+    (nan_block_scale(f"model.layers.{L}.mlp.shared_experts.gate_proj"), "defect",
+     f"model.layers.{L}.mlp.shared_experts.gate_proj"),
     (rescale_norm_not_router(L), "weight_error", f"model.layers.{L}.mlp.gate"),
 ], ids=["nan-block-scale", "norm-not-router"])
 def test_planted_fault_fp8(flash_fp8, tiny_glm47_flash, tmp_path, fault, check, module):

@@ -457,7 +457,10 @@ def _modelopt_spec(path: Path, qc: Mapping[str, Any] | None, hf_quant: Mapping[s
         raise UserError(f"{path}: {exclude_key} is not a list of strings; re-export the checkpoint")
     if qc is not None and legacy is not None:
         other = legacy.get("exclude_modules") or []
-        if isinstance(other, list) and sorted(other) != sorted(exclude):
+        if not isinstance(other, list) or not all(isinstance(p, str) for p in other):
+            raise UserError(f"{path / HF_QUANT_CONFIG}: quantization.exclude_modules is not a list of strings; "
+                            "re-export the checkpoint")
+        if sorted(other) != sorted(exclude):
             findings.append(Finding(
                 Level.WARN, Rule.CONFIG, f"{HF_QUANT_CONFIG}:quantization.exclude_modules",
                 f"differs from config.json quantization_config.ignore "

@@ -2,17 +2,19 @@
 written as compressed-tensors by `exporters.llmc_export`.
 
 MoE experts. vLLM loads per-expert tensors (`mlp.experts.N.gate_proj.weight`) and llm-compressor quantizes only
-nn.Linear, so the fused 3-D experts of transformers 5 must become per-expert Linears. Two ways, measured on the tiny
-GLM-4.7 with FP8 block: our expansion (`quantize.moe`, run by the pipeline when `moe.expand_experts` is true) and
-llm-compressor's `linearize_moe` (run here when the experts are still fused) write byte-identical checkpoints (237
-of 237 tensors) from identical logits. They differ in cost: ours clones each expert's slices on the model's device,
-while `linearize_moe` allocates every expert Linear on the default (CPU) device, copies into it and lets its offload
-wrapper move it back; on an H200 at GLM-4.7 dimensions that was 12.3 s of a 12.8 s oneshot for two MoE layers
-(benchmarks/bench_fp8_block.py times both paths). So the bundled recipes expand with ours. `calibrate_all` works
-with either: llm-compressor's own experts take `moe_calibrate_all_experts`, ours get `calibrate_all_experts` from
-calib_data.coverage. Only NVFP4 reads calibration data at all: FP8 block and weight-only NVFP4 are calibrated from
-the weights (llm-compressor's DataFreePipeline). Either way the quantized expert linears are counted against
-config.json afterwards, because a fused experts module nobody linearized is silently left BF16.
+nn.Linear, so the fused 3-D experts of transformers 5 must become per-expert Linears: our expansion (`quantize.moe`,
+run by the pipeline when `moe.expand_experts` is true), or llm-compressor's `linearize_moe` (run here when the
+experts are still fused). Measured: both write byte-identical checkpoints (tiny GLM-4.7, 237 of 237 tensors; GLM-4.7
+dimensions with 32 experts on CPU, 239 of 239) from bit-identical logits, and on CPU they cost the same (4.0 s vs
+3.0 s per 32-expert layer on a loaded 2-core box). They differ on a GPU: `linearize_moe` allocates every expert
+Linear on the default (CPU) device, copies the GPU weights into it and lets its offload wrapper move it back, while
+ours clones on the model's device; the H200 anchor has `linearize_moe` at 12.3 s of a 12.8 s oneshot for two GLM-4.7
+MoE layers (benchmarks/bench_fp8_block.py times both paths on one GPU). So the bundled recipes expand with ours,
+which is also what the ModelOpt engine calibrates. `calibrate_all` works with either: llm-compressor's experts take
+`moe_calibrate_all_experts`, ours get `calib_data.coverage.calibrate_all_experts`. Only NVFP4 reads calibration data
+at all: FP8 block and weight-only NVFP4 are calibrated from the weights (llm-compressor's DataFreePipeline). Either
+way the quantized expert linears are counted against config.json afterwards, because llm-compressor silently leaves
+BF16 a fused experts module that nobody linearized.
 """
 
 from __future__ import annotations

@@ -75,13 +75,18 @@ class ExportSpec(Strict):
 
 
 class FixupsSpec(Strict):
+    """Repairs applied to every export whose check finds the problem (`quantize fix` does the same by hand)."""
+
     shared_global_scales: bool = True
     """Give every fused group (q/k/v, gate/up, q_a/kv_a) one weight_scale_2 and input_scale, re-deriving block scales."""
     repair_e4m3_scales: bool = True
-    """Clamp E4M3 block scales to 448 and replace NaN bytes (0x7F/0xFF)."""
-    kv_scale_names: Literal["auto", "k_proj", "attn", "drop"] = "auto"
+    """Replace NaN bytes (0x7F/0xFF) in E4M3 block scales by 448."""
+    kv_scales: bool = True
+    """Rename k/v scales to `self_attn.k_scale`/`v_scale` (which every runtime loads) and drop undeclared ones."""
+    exclusions: bool = True
+    """List BF16 modules (router, MTP) in the exclusion lists and drop leftover scales of excluded modules."""
     copy_mtp: bool = True
-    """Copy the source checkpoint's MTP layer back in BF16 (both engines drop it) and exclude it."""
+    """Copy the source's MTP layer back in BF16 (both engines drop it) and exclude it."""
 
 
 class VerifySpec(Strict):

@@ -112,8 +112,8 @@ def quantize_input(x: torch.Tensor, scheme: ActivationScheme, input_scale: float
 
 @dataclass
 class Monitor:
-    """What the emulated linears saw: per module, the count of non-finite outputs and whether any output was non-zero
-    (a module whose every output is exactly zero for non-zero inputs is dead)."""
+    """What the emulated linears saw: per module, the count of non-finite outputs from finite inputs and whether any
+    output was non-zero (a module whose every output is exactly zero for non-zero inputs is dead)."""
 
     nonfinite: dict[str, int] = field(default_factory=dict)
     first_nonfinite: list[str] = field(default_factory=list)
@@ -132,7 +132,8 @@ class Monitor:
         return xq
 
     def observe(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        bad = int((~torch.isfinite(y)).sum())
+        """Count non-finite outputs computed from finite inputs: where a NaN starts, not where it travels."""
+        bad = int((~torch.isfinite(y)).sum()) if bool(torch.isfinite(x).all()) else 0
         if bad:
             if name not in self.nonfinite:
                 self.first_nonfinite.append(name)
@@ -307,6 +308,12 @@ class Side:
         model.embed_tokens, model.norm = self.embed_tokens, self.norm
         root.model, root.lm_head = model, self.lm_head
         return root
+
+
+def num_experts(layer: nn.Module) -> int:
+    """Routed experts of a decoder layer (0 for a dense layer)."""
+    router = _router(layer)
+    return int(getattr(router, "num_experts", 0)) if router is not None else 0
 
 
 def _router(layer: nn.Module) -> nn.Module | None:

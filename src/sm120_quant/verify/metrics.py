@@ -97,6 +97,7 @@ class LayerTotals:
     routing_stream: int = 0
     nonfinite_local: int = 0
     nonfinite_stream: int = 0
+    expert_tokens: torch.Tensor | None = None  # per expert: how often the source model picks it
 
     def add(self, x_source: torch.Tensor, y_source: torch.Tensor, y_local: torch.Tensor, x_stream: torch.Tensor,
             y_stream: torch.Tensor) -> None:
@@ -105,10 +106,13 @@ class LayerTotals:
         self.stream_error2 += _sq(y_stream - y_source)
         self.stream_norm2 += _sq(y_source)
         self.nonfinite_local += int((~torch.isfinite(y_local)).sum())
-        self.nonfinite_stream += int((~torch.isfinite(y_stream)).sum())
+        if bool(torch.isfinite(x_stream).all()):  # NaN carried in from an earlier layer is that layer's finding
+            self.nonfinite_stream += int((~torch.isfinite(y_stream)).sum())
 
-    def add_routing(self, source: torch.Tensor, local: torch.Tensor, stream: torch.Tensor) -> None:
+    def add_routing(self, source: torch.Tensor, local: torch.Tensor, stream: torch.Tensor, experts: int) -> None:
         self.routed += source.shape[0]
+        counts = torch.bincount(source.flatten().cpu(), minlength=experts)
+        self.expert_tokens = counts if self.expert_tokens is None else self.expert_tokens + counts
         self.routing_local += int(same_expert_sets(source, local).sum())
         self.routing_stream += int(same_expert_sets(source, stream).sum())
 

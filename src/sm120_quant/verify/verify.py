@@ -38,9 +38,10 @@ class LayerMetrics:
     routing_stream: float | None
     weight_error: float | None  # the worst quantized tensor of the layer
     worst_module: str | None
-    nonfinite: int  # non-finite values in the layer's output, local pass
+    nonfinite: int  # non-finite values the layer computed from finite inputs (local and stream passes)
     first_nonfinite_module: str | None
     dead_modules: tuple[str, ...]  # quantized linears whose every output was exactly zero for non-zero input
+    expert_tokens: tuple[int, ...] | None = None  # MoE: how many held-out tokens the source routes to each expert
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ def verify_checkpoint(checkpoint: Path, source: SourceCheckpoint, spec: VerifySp
 
 def _run_layer(index, src, quant, layer_s, layer_q, hidden_src, hidden_q, records) -> LayerMetrics:
     """Run decoder layer `index` of both models on every prompt; advance both hidden-state lists in place."""
+    from sm120_quant.verify.emulate import num_experts
     from sm120_quant.verify.metrics import LayerTotals
 
     totals = LayerTotals()
@@ -192,14 +194,16 @@ def _run_layer(index, src, quant, layer_s, layer_q, hidden_src, hidden_q, record
         outputs_local.append(y_l)
         routes_src.append(r_s)
         routes_local.append(r_l)
-    first_nonfinite = quant.monitor.first_nonfinite[0] if quant.monitor.first_nonfinite else None
-    dead = tuple(quant.monitor.dead())
     for p, h_q in enumerate(hidden_q):
         y_q, r_q = quant.run_layer(layer_q, h_q)
         totals.add(hidden_src[p], outputs_src[p], outputs_local[p], h_q, y_q)
         if routes_src[p] is not None:
-            totals.add_routing(routes_src[p], routes_local[p], r_q)
+            totals.add_routing(routes_src[p], routes_local[p], r_q, num_experts(layer_s))
         hidden_src[p], hidden_q[p] = outputs_src[p], y_q
+    # Local passes first: a module that breaks on the source's hidden states is named before one that only breaks
+    # on the quantized model's own (different routing sends other tokens to other experts).
+    first_nonfinite = quant.monitor.first_nonfinite[0] if quant.monitor.first_nonfinite else None
+    dead = tuple(quant.monitor.dead())
     quantized = [r for r in records if r.layout != "dense"]
     worst = max(quantized, key=lambda r: _sortable(r.error), default=None)
     routed = totals.routed
@@ -209,8 +213,9 @@ def _run_layer(index, src, quant, layer_s, layer_q, hidden_src, hidden_q, record
         routing_local=totals.routing_local / routed if routed else None,
         routing_stream=totals.routing_stream / routed if routed else None,
         weight_error=worst.error if worst else None, worst_module=worst.module if worst else None,
-        nonfinite=totals.nonfinite_local, first_nonfinite_module=first_nonfinite,
+        nonfinite=totals.nonfinite_local + totals.nonfinite_stream, first_nonfinite_module=first_nonfinite,
         dead_modules=dead,
+        expert_tokens=tuple(totals.expert_tokens.tolist()) if totals.expert_tokens is not None else None,
     )
 
 
