@@ -75,6 +75,8 @@ def test_fused_groups_share_global_and_input_scales(export):
     groups += [("q_proj", "k_proj", "v_proj")] if "flash" not in export[0] else [("q_a_proj", "kv_a_proj_with_mqa")]
     checked = 0
     for module in reader.linear_modules():
+        if reader.layout(module) != "nvfp4":
+            continue  # the BF16 MTP layer has gate/up too
         for group in groups:
             if module.endswith("." + group[0]):
                 base = module.removesuffix(group[0])
@@ -144,3 +146,31 @@ def test_awq_lite_exports_plain_nvfp4_that_checks_clean(recipe, tmp_path):
     assert all(g["loss_ratio"] <= 1.0 for g in smoothing)
     assert any("folding the AWQ-lite scales: logits unchanged (bit-identical)" in n for n in data["notes"])
     assert "smoothed BF16 weight" in data["weight_error"]["metric"]
+
+
+def test_fixups_repair_a_broken_export_before_it_is_published(export, tmp_path):
+    """A gate/up pair with different global scales (what vLLM mis-loads on SM120) is repaired by the recipe's
+    fixups, and the repaired folder checks clean."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sm120_quant.models.load import resolve_source
+    from sm120_quant.pipeline import fix_and_check
+
+    name, folder, _ = export
+    staged = tmp_path / ".staged"
+    shutil.copytree(folder, staged)
+    tensors = load_file(staged / "model.safetensors")
+    key = "model.layers.1.mlp.experts.3.up_proj.weight_scale_2"
+    tensors[key] = tensors[key] * 0.5
+    save_file(tensors, staged / "model.safetensors", metadata={"format": "pt"})
+    recipe = load_recipe(name).recipe
+    published, check, fixed = fix_and_check(staged, recipe, resolve_source(recipe.model))
+    assert published != staged and not staged.exists()
+    assert check.clean
+    assert {a.rule.value for a in fixed.actions} == {"fused-scales"}
+    assert 0 < fixed.max_added_error < 0.05
+    repaired = CheckpointReader(published)
+    gate = float(repaired.get("model.layers.1.mlp.experts.3.gate_proj.weight_scale_2"))
+    assert float(repaired.get(key)) == gate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from verify_faults import (
     rescale_norm_not_router,
     swap_nibbles,
     zero_input_scale,
+    zero_weights,
 )
 
 from sm120_quant.models.load import resolve_source
@@ -53,8 +55,8 @@ def test_report_files_and_layout(glm47_nvfp4_report):
     assert r.activations == {"nvfp4": 100}
     assert [m.kind for m in r.layers] == ["dense", "moe", "moe", "moe"]
     json_path, png_path = r.files
-    assert json.loads(open(json_path).read()) == json.loads(json.dumps(r.to_dict()))
-    assert open(png_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(Path(json_path).read_text()) == json.loads(json.dumps(r.to_dict()))
+    assert Path(png_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(r.generations) == 3 and all(len(g.prompt) > 0 for g in r.generations)
 
 
@@ -189,7 +191,9 @@ L = 2
     (zero_input_scale, "defect", "experts.{e}.down_proj"),
     (nan_block_scale, "defect", "experts.{e}.gate_proj"),
     (rescale_norm_not_router, "weight_error", None),
-], ids=["swapped-nibbles", "gate-up-global-scale", "zero-input-scale", "nan-block-scale", "norm-not-router"])
+    (zero_weights, "defect", "experts.{e}.down_proj"),
+], ids=["swapped-nibbles", "gate-up-global-scale", "zero-input-scale", "nan-block-scale", "norm-not-router",
+        "all-zero-weight"])
 def test_planted_fault_nvfp4(glm47_nvfp4, trained_glm47, glm47_nvfp4_report, tmp_path, make_fault, check, target):
     clean = glm47_nvfp4_report
     # The expert the held-out tokens use most, so the runtime's NaN shows up in outputs too, not only statically.
@@ -208,7 +212,10 @@ def test_planted_fault_nvfp4(glm47_nvfp4, trained_glm47, glm47_nvfp4_report, tmp
         assert errors[module] > 1.0  # the reference dequantizer measures 1.41 with swapped nibbles
     if module.endswith("up_proj"):
         assert errors[module] == pytest.approx(0.75, abs=0.02)  # up computed with gate's scale, 1/4 of its own
-    if check == "defect":  # the runtime computes NaN for every token routed there, and nowhere before that layer
+    if make_fault is zero_weights:
+        assert r.failures[0].message == f"{module}: every E2M1 code is zero"
+        assert module in r.layers[L].dead_modules and any(f.check == "dead_module" for f in r.failures)
+    elif check == "defect":  # the runtime computes NaN for every token routed there, and nowhere before that layer
         assert r.layers[L].nonfinite > 0 and r.layers[L].first_nonfinite_module == module
         assert all(m.nonfinite == 0 for m in r.layers[:L])
     if module.endswith("mlp.gate"):

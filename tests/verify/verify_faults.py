@@ -21,7 +21,8 @@ def planted(src: Path, dst: Path, fault: Callable[[Tensors], None]) -> Path:
     shards: dict[Path, Tensors] = {}
     for shard in sorted(dst.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
-            shards[shard] = {k: f.get_tensor(k) for k in f.keys()}
+            names = f.keys()
+            shards[shard] = {k: f.get_tensor(k) for k in names}
     tensors = {k: t for shard in shards.values() for k, t in shard.items()}
     fault(tensors)
     for shard, names in shards.items():
@@ -59,6 +60,16 @@ def own_up_global_scale(expert: str, factor: float = 4.0) -> Callable[[Tensors],
         q = formats.quantize_nvfp4(w, scale_2.reshape(()) * factor)
         tensors[packed], tensors[block] = q.packed, q.block_scale
         tensors[glob] = (1.0 / q.global_scale if ct else q.global_scale.clone()).reshape(tensors[glob].shape)
+
+    return fault
+
+
+def zero_weights(module: str) -> Callable[[Tensors], None]:
+    """Every code of an NVFP4 weight zero (scales kept): the module computes nothing."""
+
+    def fault(tensors: Tensors) -> None:
+        key = _nvfp4_keys(tensors, module)[0]
+        tensors[key] = torch.zeros_like(tensors[key])
 
     return fault
 

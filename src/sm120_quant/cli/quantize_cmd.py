@@ -59,7 +59,8 @@ def show(recipe: RecipeArg) -> None:
     from sm120_quant.recipes.load import dump_recipe, load_recipe
 
     loaded = load_recipe(recipe)
-    out.print(f"# {loaded.path}\n{dump_recipe(loaded.recipe)}", markup=False, end="")
+    # Plain text: this output is meant to be saved and edited as a recipe, so no console styling or wrapping.
+    typer.echo(f"# {loaded.path}\n{dump_recipe(loaded.recipe)}", nl=False)
 
 
 app.command("check")(check_cmd.check)

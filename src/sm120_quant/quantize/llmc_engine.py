@@ -5,8 +5,8 @@ MoE experts. vLLM loads per-expert tensors (`mlp.experts.N.gate_proj.weight`) an
 nn.Linear, so the fused 3-D experts of transformers 5 must become per-expert Linears: our expansion (`quantize.moe`,
 run by the pipeline when `moe.expand_experts` is true), or llm-compressor's `linearize_moe` (run here when the
 experts are still fused). Measured: both write byte-identical checkpoints (tiny GLM-4.7, 237 of 237 tensors; GLM-4.7
-dimensions with 32 experts on CPU, 239 of 239) from bit-identical logits, and on CPU they cost the same (4.0 s vs
-3.0 s per 32-expert layer on a loaded 2-core box). They differ on a GPU: `linearize_moe` allocates every expert
+dimensions with 32 experts on CPU, 239 of 239) from bit-identical logits, and on a loaded 2-core CPU the whole
+path costs about the same either way (expand 4.0 s vs linearize 3.0 s, 81 s vs 71 s in all). They differ on a GPU: `linearize_moe` allocates every expert
 Linear on the default (CPU) device, copies the GPU weights into it and lets its offload wrapper move it back, while
 ours clones on the model's device; the H200 anchor has `linearize_moe` at 12.3 s of a 12.8 s oneshot for two GLM-4.7
 MoE layers (benchmarks/bench_fp8_block.py times both paths on one GPU). So the bundled recipes expand with ours,

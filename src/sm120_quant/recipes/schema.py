@@ -107,8 +107,9 @@ class VerifySpec(Strict):
     NVFP4 GLM-4.7 was measured at 0.9975, FP8 at 0.9998)."""
     min_routing_agreement: float = Field(default=0.5, ge=0, le=1)
     """Per MoE layer, on the source's hidden states: fraction of tokens whose top-k expert set is unchanged."""
-    max_layer_error: float = Field(default=1.0, ge=0)
-    """Per decoder layer, on the source's hidden states: ||quantized - source output|| / ||source output - input||."""
+    max_layer_error: float = Field(default=0.8, ge=0)
+    """Per decoder layer, on the source's hidden states: ||quantized - source output|| / ||source output - input||
+    (1.0 for a layer that adds nothing; NVFP4 on the tiny models 0.05-0.35, FP8 block 0.02-0.12)."""
     max_weight_error: float = Field(default=0.3, ge=0)
     """Per quantized tensor: relative error of the weight the runtime computes with (fused scales applied) vs the
     source weight. NVFP4 is about 0.1 and FP8-block about 0.03 on any weights."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,7 @@ def quantize_input(x: torch.Tensor, scheme: ActivationScheme, input_scale: float
     if kind is Activation.NONE:
         return x
     if kind is Activation.NVFP4:
-        if not input_scale or input_scale != input_scale or input_scale == float("inf"):
+        if not input_scale or not math.isfinite(input_scale):
             return torch.full_like(x, float("nan"))
         amax = torch.tensor(input_scale * formats.E2M1_MAX * formats.E4M3_MAX, dtype=torch.float32)
         return formats.fake_quant_nvfp4(x, amax)
@@ -222,8 +223,9 @@ class Side:
         self._fp32 = set(getattr(type(skeleton), "_keep_in_fp32_modules_strict", None) or ())
         self.embed_tokens = self.build("model.embed_tokens", skeleton.model.embed_tokens)
         self.norm = self.build("model.norm", skeleton.model.norm)
-        lm_head = "lm_head" if "lm_head.weight" in reader or not skeleton.config.tie_word_embeddings else None
-        self.lm_head = (self.build("lm_head", skeleton.lm_head) if lm_head
+        stored_head = "lm_head.weight" in reader or "lm_head.weight_packed" in reader
+        self.lm_head = (self.build("lm_head", skeleton.lm_head)
+                        if stored_head or not skeleton.config.tie_word_embeddings
                         else _tied_head(self.embed_tokens, skeleton.lm_head))
         self.rotary = type(skeleton.model.rotary_emb)(config=skeleton.config).to(device)
 

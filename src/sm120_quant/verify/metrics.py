@@ -128,14 +128,14 @@ def _sq(t: torch.Tensor) -> float:
 
 
 def _ratio(num2: float, den2: float) -> float:
-    if num2 != num2:  # NaN propagates: a non-finite output has no error value
+    if math.isnan(num2):  # NaN propagates: a non-finite output has no error value
         return math.nan
     return math.sqrt(num2 / den2) if den2 > 0 else math.sqrt(num2)
 
 
 def _sticky(pick, a: float, b: float) -> float:
     """min/max where NaN wins: one NaN position makes the extreme undefined."""
-    return math.nan if a != a or b != b else pick(a, b)
+    return math.nan if math.isnan(a) or math.isnan(b) else pick(a, b)
 
 
 def _exp(x: float) -> float:

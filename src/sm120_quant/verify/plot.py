@@ -3,6 +3,7 @@ thresholds drawn in and the failing layers marked."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -54,4 +55,4 @@ def plot_report(report, path: Path) -> None:
 
 def _finite(value: float) -> float:
     """Bars cannot show NaN; a non-finite layer is drawn at 0 and annotated instead."""
-    return value if value == value and value != float("inf") else 0.0
+    return value if math.isfinite(value) else 0.0

@@ -84,7 +84,8 @@ class CheckpointReader:
             self._where = {}
             for shard in shards:
                 with safe_open(shard, "pt") as f:
-                    self._where.update({k: shard for k in f.keys()})
+                    names = f.keys()
+                self._where.update({k: shard for k in names})
         self._open = {}
         self._groups: list[tuple[list[str], dict]] | None = None
 
@@ -144,7 +145,7 @@ class CheckpointReader:
         return self._open[shard].get_slice(key)
 
     def global_scale(self, module: str) -> float | None:
-        """The module's NVFP4 `weight_scale_2` (compressed-tensors: `1 / weight_global_scale`); None for other layouts."""
+        """The NVFP4 `weight_scale_2` (compressed-tensors: `1 / weight_global_scale`); None for other layouts."""
         layout = self.layout(module)
         if layout == "nvfp4":
             return float(self.get(f"{module}.weight_scale_2"))
@@ -168,7 +169,7 @@ class CheckpointReader:
         to NaN weights (and lists them in `defects`) instead of refusing the module, to show what a runtime computes.
         """
         layout = self.layout(module)
-        g = lambda suffix: self.get(f"{module}.{suffix}")  # noqa: E731
+        g = lambda suffix: self.get(f"{module}.{suffix}")
         defects: list[str] = []
         input_scale = self.input_scale(module)
         if input_scale is not None and not (input_scale > 0 and input_scale != float("inf")):

@@ -104,7 +104,7 @@ class VerifyReport:
         """The layer with the largest local error (non-finite counts as largest)."""
         if not self.layers:
             return None
-        return max(self.layers, key=lambda m: math.inf if m.local_error != m.local_error else m.local_error).index
+        return max(self.layers, key=lambda m: _sortable(m.local_error)).index
 
     def to_dict(self) -> dict:
         return _finite_or_none(asdict(self) | {"passed": self.passed, "worst_layer": self.worst_layer})
@@ -244,12 +244,12 @@ def find_failures(report: VerifyReport, spec: VerifySpec) -> list[Failure]:
             failures.append(Failure("weight_error", f"{worst.module}: {what} weight differs from the source by "
                                     f"{_fmt(worst.error)} (limit {limit:g}){more}", _layer(worst.module),
                                     worst.module, worst.error, limit))
-    for attr, limit, label in (("local_error", spec.max_layer_error, "local layer error"),):
-        bad = [m for m in report.layers if not _within(getattr(m, attr), limit)]
-        if bad:
-            worst = max(bad, key=lambda m: _sortable(getattr(m, attr)))
-            failures.append(Failure(attr, f"layer {worst.index}: {label} {_fmt(getattr(worst, attr))} > {limit:g}",
-                                    worst.index, worst.worst_module, getattr(worst, attr), limit))
+    bad = [m for m in report.layers if not _within(m.local_error, spec.max_layer_error)]
+    if bad:
+        worst = max(bad, key=lambda m: _sortable(m.local_error))
+        failures.append(Failure("layer_error", f"layer {worst.index}: local layer error {_fmt(worst.local_error)} > "
+                                f"{spec.max_layer_error:g}", worst.index, worst.worst_module, worst.local_error,
+                                spec.max_layer_error))
     routed = [m for m in report.layers if m.routing_local is not None]
     bad = [m for m in routed if not m.routing_local >= spec.min_routing_agreement]
     if bad:
@@ -372,11 +372,11 @@ def _within(value: float, limit: float) -> bool:
 
 
 def _sortable(value: float) -> float:
-    return math.inf if value != value else value
+    return math.inf if math.isnan(value) else value
 
 
 def _fmt(value: float) -> str:
-    return "NaN" if value != value else f"{value:.4g}"
+    return "NaN" if math.isnan(value) else f"{value:.4g}"
 
 
 def _count(values) -> dict[str, int]:
