@@ -3,18 +3,18 @@ written as compressed-tensors by `exporters.llmc_export`.
 
 MoE experts. vLLM loads per-expert tensors (`mlp.experts.N.gate_proj.weight`) and llm-compressor quantizes only
 nn.Linear, so the fused 3-D experts of transformers 5 must become per-expert Linears: our expansion (`quantize.moe`,
-run by the pipeline when `moe.expand_experts` is true), or llm-compressor's `linearize_moe` (run here when the
-experts are still fused). Measured: both write byte-identical checkpoints (tiny GLM-4.7, 237 of 237 tensors; GLM-4.7
-dimensions with 32 experts on CPU, 239 of 239) from bit-identical logits, and on a loaded 2-core CPU the whole
-path costs about the same either way (expand 4.0 s vs linearize 3.0 s, 81 s vs 71 s in all). They differ on a GPU: `linearize_moe` allocates every expert
-Linear on the default (CPU) device, copies the GPU weights into it and lets its offload wrapper move it back, while
-ours clones on the model's device; the H200 anchor has `linearize_moe` at 12.3 s of a 12.8 s oneshot for two GLM-4.7
-MoE layers (benchmarks/bench_fp8_block.py times both paths on one GPU). So the bundled recipes expand with ours,
-which is also what the ModelOpt engine calibrates. `calibrate_all` works with either: llm-compressor's experts take
-`moe_calibrate_all_experts`, ours get `calib_data.coverage.calibrate_all_experts`. Only NVFP4 reads calibration data
-at all: FP8 block and weight-only NVFP4 are calibrated from the weights (llm-compressor's DataFreePipeline). Either
-way the quantized expert linears are counted against config.json afterwards, because llm-compressor silently leaves
-BF16 a fused experts module that nobody linearized.
+run by the pipeline when `moe.expand_experts` is true), or llm-compressor's `linearize_moe` (run here when the experts
+are still fused). Measured: both write byte-identical checkpoints (tiny GLM-4.7, 237 of 237 tensors; GLM-4.7 dimensions
+with 32 experts on CPU, 239 of 239) from bit-identical logits, and on a loaded 2-core CPU the whole path costs about
+the same either way (expand 4.0 s vs linearize 3.0 s, 81 s vs 71 s in all). They differ on a GPU: `linearize_moe`
+allocates every expert Linear on the default (CPU) device, copies the GPU weights into it and lets its offload wrapper
+move it back, while ours clones on the model's device; the H200 anchor has `linearize_moe` at 12.3 s of a 12.8 s
+oneshot for two GLM-4.7 MoE layers (benchmarks/bench_fp8_block.py times both paths on one GPU). So the bundled recipes
+expand with ours, which is also what the ModelOpt engine calibrates. `calibrate_all` works with either:
+llm-compressor's experts take `moe_calibrate_all_experts`, ours get `calib_data.coverage.calibrate_all_experts`. Only
+NVFP4 reads calibration data at all: FP8 block and weight-only NVFP4 are calibrated from the weights (llm-compressor's
+DataFreePipeline). Either way the quantized expert linears are counted against config.json afterwards, because
+llm-compressor silently leaves BF16 a fused experts module that nobody linearized.
 """
 
 from __future__ import annotations
@@ -248,8 +248,8 @@ def _check_experts(quantized: QuantizedModel, excluded: set[str]) -> None:
         raise CheckFailed(f"{len(missing)} routed-expert linears were not quantized (first: {missing[0]})")
     total = sum(len(v) for v in layers.values())
     kept = sum(1 for v in layers.values() for n, _ in v if n in excluded)
-    quantized.notes.append(f"routed experts: {total - kept} of {total} expert linears quantized ({len(layers)} MoE layers x {n_routed} experts x "
-                           "gate/up/down)")
+    quantized.notes.append(f"routed experts: {total - kept} of {total} expert linears quantized ({len(layers)} MoE "
+                           f"layers x {n_routed} experts x gate/up/down)")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     quantized.quantizers_total = len(linears)
     quantized.quantizers_enabled = sum(1 for m in linears if getattr(m, "quantization_scheme", None) is not None)
