@@ -76,12 +76,15 @@ def run_recipe(loaded: LoadedRecipe, output: Path | None = None, overwrite: bool
             rules = ", ".join(sorted({a.rule.value for a in fixed.actions}))
             quantized.notes.append(f"fixups: {len(fixed.actions)} repairs ({rules}); max added weight error "
                                    f"{fixed.max_added_error}")
+        with stats.stage("tensor_parallel"):
+            by_tp = doctor_by_runtime_and_tp(staging, target)
         with stats.stage("weight_error"):
             from sm120_quant.verify.reader import weight_errors
 
             errors = quantized.weight_errors or weight_errors(source.folder, staging)
         report = build_report(loaded, source, calib, quantized, checkpoint, check, errors, stats)
-        report = replace(report.with_checkpoint(target), fixups=fixed.to_dict() if fixed else None)
+        report = replace(report.with_checkpoint(target), fixups=fixed.to_dict() if fixed else None,
+                         tensor_parallel=by_tp, tp_table=tp_rows(source.config, recipe))
         write_report(report, staging, loaded, quantized.coverage_check)
         if check.errors:
             first = check.errors[0]
@@ -108,6 +111,25 @@ def _make_publishable(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for path in folder.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+TP_SIZES = (1, 2, 4, 8)
+
+
+def doctor_by_runtime_and_tp(folder: Path, target: Path) -> list[dict]:
+    """The doctor's verdict for vLLM and SGLang at each common TP size (headers only: about a second on a full
+    GLM-4.7), for the report and the model card."""
+    from sm120_quant.exporters.check import check_checkpoint
+
+    return [{**check_checkpoint(folder, runtime=runtime, tp=tp).to_dict(), "path": str(target)}
+            for runtime in ("vllm", "sglang") for tp in TP_SIZES]
+
+
+def tp_rows(config: dict, recipe) -> list[dict]:
+    """Which TP sizes divide every quantized shard of this architecture and scheme, from config.json alone."""
+    from sm120_quant.quantize.tensor_parallel import tp_table
+
+    return [row.to_dict() for row in tp_table(config, recipe.scheme, TP_SIZES, exclude=recipe.exclude)]
 
 
 def fixup_rules(fixups) -> set:

@@ -74,6 +74,8 @@ class Report:
     check: dict
     notes: list
     fixups: dict | None = None  # what the recipe's fixups repaired (exporters.fix), None when nothing needed it
+    tensor_parallel: list = field(default_factory=list)  # the doctor's report per runtime (vllm, sglang) and TP
+    tp_table: list = field(default_factory=list)  # per TP size: does every quantized shard divide
 
     def with_checkpoint(self, folder: Path) -> Report:
         """The report once the staging folder has been renamed into place."""

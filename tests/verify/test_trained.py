@@ -8,7 +8,9 @@ import json
 from safetensors import safe_open
 
 from sm120_quant.models.trained import (
+    QUICK,
     TrainSpec,
+    _train_into,
     code_files,
     heldout_code_files,
     trained_tiny_model,
@@ -41,11 +43,15 @@ def test_quick_training_learns_and_keeps_the_checkpoint_complete(trained_glm47, 
     assert (trained_glm47 / "tokenizer.json").read_bytes() == (tiny_glm47 / "tokenizer.json").read_bytes()
 
 
-def test_training_is_cached_and_repeatable(tmp_path):
+def test_training_is_cached(trained_glm47):
+    stamp = (trained_glm47 / "model.safetensors").stat().st_mtime_ns
+    assert trained_tiny_model("glm47", QUICK) == trained_glm47
+    assert (trained_glm47 / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_training_is_repeatable(tiny_glm47, tmp_path):
     spec = TrainSpec(steps=2, batch=1, seq_len=32, warmup=1)
-    first = trained_tiny_model("glm47", spec, cache_dir=tmp_path / "a")
-    stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert trained_tiny_model("glm47", spec, cache_dir=tmp_path / "a") == first
-    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    second = trained_tiny_model("glm47", spec, cache_dir=tmp_path / "b")
-    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        _train_into(tiny_glm47, spec, tmp_path / run)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

@@ -58,6 +58,11 @@ def add_exclusions(folder: Path, modules: list[str]) -> list[str]:
     qc = config.get("quantization_config")
     if qc is None:
         raise UserError(f"{config_path}: no quantization_config; this is not a quantized checkpoint")
+    if qc.get("quant_method") == "compressed-tensors":
+        # compressed-tensors (and vLLM reading it) match exact names or `re:` regexes, not globs.
+        from sm120_quant.exporters.llmc_export import ct_ignore_entry
+
+        modules = [ct_ignore_entry(m) for m in modules]
     added = [m for m in modules if m not in qc.setdefault("ignore", [])]
     qc["ignore"].extend(added)
     write_json(config_path, config)

@@ -14,6 +14,7 @@ benchmark).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -50,14 +51,15 @@ FULL = TrainSpec(steps=400)
 _STREAM_FACTOR = 4
 
 
-def code_files() -> list[Path]:
+@functools.cache
+def code_files() -> tuple[Path, ...]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for path in sorted(stdlib.rglob("*.py")):
         rel = path.relative_to(stdlib)
         if _SKIPPED_DIRS.isdisjoint(rel.parts[:-1]) and path.stat().st_size <= _MAX_FILE_BYTES:
             files.append(path)
-    return files
+    return tuple(files)
 
 
 def training_code_files() -> list[Path]:
