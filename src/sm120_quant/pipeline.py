@@ -76,6 +76,12 @@ def run_recipe(loaded: LoadedRecipe, output: Path | None = None, overwrite: bool
             rules = ", ".join(sorted({a.rule.value for a in fixed.actions}))
             quantized.notes.append(f"fixups: {len(fixed.actions)} repairs ({rules}); max added weight error "
                                    f"{fixed.max_added_error}")
+        verified = None
+        if recipe.verify.enabled:
+            with stats.stage("verify"):
+                from sm120_quant.verify.verify import verify_checkpoint
+
+                verified = verify_checkpoint(staging, source, recipe.verify, device=device, out_dir=staging)
         with stats.stage("tensor_parallel"):
             by_tp = doctor_by_runtime_and_tp(staging, target)
         with stats.stage("weight_error"):
@@ -84,12 +90,17 @@ def run_recipe(loaded: LoadedRecipe, output: Path | None = None, overwrite: bool
             errors = quantized.weight_errors or weight_errors(source.folder, staging)
         report = build_report(loaded, source, calib, quantized, checkpoint, check, errors, stats)
         report = replace(report.with_checkpoint(target), fixups=fixed.to_dict() if fixed else None,
-                         tensor_parallel=by_tp, tp_table=tp_rows(source.config, recipe))
+                         tensor_parallel=by_tp, tp_table=tp_rows(source.config, recipe),
+                         verify=verify_summary(verified))
         write_report(report, staging, loaded, quantized.coverage_check)
         if check.errors:
             first = check.errors[0]
             raise CheckFailed(f"the export has {len(check.errors)} checkpoint ERROR(s); first: {first.key}: "
                               f"{first.message}; nothing was written to {target}")
+        if verified is not None and not verified.passed:
+            first = verified.failures[0]
+            raise CheckFailed(f"verification against the BF16 source failed: {first.message} "
+                              f"({len(verified.failures)} failure(s)); nothing was written to {target}")
         _make_publishable(staging)
         if target.exists():
             shutil.rmtree(target)
@@ -98,6 +109,9 @@ def run_recipe(loaded: LoadedRecipe, output: Path | None = None, overwrite: bool
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     print_summary(report)
+    from sm120_quant.exporters.hub import upload_after_run
+
+    upload_after_run(target, recipe.upload, progress=progress)  # no-op unless the recipe names upload.repo_id
     return report
 
 
@@ -114,6 +128,18 @@ def _make_publishable(folder: Path) -> None:
 
 
 TP_SIZES = (1, 2, 4, 8)
+
+
+def verify_summary(verified) -> dict | None:
+    """The headline of `quantize verify` for report.json (the full report is verify.json beside it)."""
+    if verified is None:
+        return None
+    routing = [m.routing_stream for m in verified.layers if m.routing_stream is not None]
+    return {"passed": verified.passed, "worst_layer": verified.worst_layer,
+            "metrics": {"cosine": verified.cosine, "kl": verified.kl, "top1": verified.top1,
+                        "routing_agreement": min(routing) if routing else None,
+                        "ppl": {"source": verified.ppl_source, "quantized": verified.ppl_quantized}},
+            "failures": [f.message for f in verified.failures], "details": "verify.json"}
 
 
 def doctor_by_runtime_and_tp(folder: Path, target: Path) -> list[dict]:

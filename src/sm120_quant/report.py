@@ -76,6 +76,7 @@ class Report:
     fixups: dict | None = None  # what the recipe's fixups repaired (exporters.fix), None when nothing needed it
     tensor_parallel: list = field(default_factory=list)  # the doctor's report per runtime (vllm, sglang) and TP
     tp_table: list = field(default_factory=list)  # per TP size: does every quantized shard divide
+    verify: dict | None = None  # quantize verify's headline; None when the recipe turned verification off
 
     def with_checkpoint(self, folder: Path) -> Report:
         """The report once the staging folder has been renamed into place."""
@@ -184,5 +185,10 @@ def print_summary(report: Report) -> None:
               f"{report.calibration.get('num_tokens')} tokens, hash {str(report.calibration.get('hash'))[:16]}")
     err.print(f"checkpoint: {report.tensors['count']} tensors, {report.checkpoint_bytes / 2**20:.1f} MiB; "
               f"check: {report.check['summary']['errors']} errors, {report.check['summary']['warnings']} warnings")
+    if report.verify is not None:
+        m = report.verify["metrics"]
+        err.print(f"verify: {'passed' if report.verify['passed'] else 'FAILED'}; cosine {m['cosine']:.4f}, "
+                  f"KL {m['kl']:.4f}, top-1 {m['top1']:.3f}, min routing agreement {m['routing_agreement']}, "
+                  f"ppl {m['ppl']['source']:.1f} -> {m['ppl']['quantized']:.1f}")
     for note in report.notes:
         err.print(f"note: {note}")

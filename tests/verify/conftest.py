@@ -16,14 +16,24 @@ from pathlib import Path
 import pytest
 from engine_exports import llmc_fp8_block, modelopt_nvfp4
 
+from sm120_quant.verify.prompts import BUILTIN_PROMPTS
+
 # Bump when the exports change: the cache key includes it.
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "2"
 CALIBRATION_WINDOWS = 4
 CALIBRATION_TOKENS = 128
+# The held-out prompts most tests verify on, and where ModelOpt's own fake-quant logits are kept for them.
+PROMPTS = BUILTIN_PROMPTS[:4]
+PROMPT_TOKENS = 96
+FAKEQUANT_LOGITS = "modelopt_fakequant_logits.pt"
 
 
 def build_export(source: Path, scheme: str, key: str) -> Path:
-    """`scheme` is nvfp4 or fp8_block; the export lands in the cache under `key`, atomically."""
+    """`scheme` is nvfp4 or fp8_block; the export lands in the cache under `key`, atomically. An NVFP4 export also
+    keeps (BF16, ModelOpt fake-quant) logits of PROMPTS in FAKEQUANT_LOGITS (a file verify does not read)."""
+    import torch
+    from transformers import AutoTokenizer
+
     target = Path(os.environ["SM120_QUANT_CACHE"]) / "verify-exports" / f"{key}-{scheme}-v{EXPORT_VERSION}"
     if (target / "config.json").exists():
         return target
@@ -31,7 +41,10 @@ def build_export(source: Path, scheme: str, key: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         if scheme == "nvfp4":
-            modelopt_nvfp4(source, tmp / "out", _calibration_batches(source))
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            probes = [torch.tensor(tokenizer(p)["input_ids"][:PROMPT_TOKENS]) for p in PROMPTS]
+            logits = modelopt_nvfp4(source, tmp / "out", _calibration_batches(tokenizer), probes)
+            torch.save(logits, tmp / "out" / FAKEQUANT_LOGITS)
         else:
             llmc_fp8_block(source, tmp / "out")
         (tmp / "out").rename(target)
@@ -40,13 +53,11 @@ def build_export(source: Path, scheme: str, key: str) -> Path:
     return target
 
 
-def _calibration_batches(source: Path) -> list:
+def _calibration_batches(tokenizer) -> list:
     import torch
-    from transformers import AutoTokenizer
 
     from sm120_quant.models.trained import training_code_files
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
     return [torch.tensor([tokenizer(path.read_text(encoding="utf-8"))["input_ids"][:CALIBRATION_TOKENS]])
             for path in training_code_files()[:CALIBRATION_WINDOWS]]
 

@@ -20,7 +20,9 @@ def load(source: Path):
     return load_model(spec, resolve_source(spec), device="cpu")
 
 
-def modelopt_nvfp4(source: Path, out: Path, batches: list) -> None:
+def modelopt_nvfp4(source: Path, out: Path, batches: list, probes: tuple = ()) -> list[tuple]:
+    """Export; for each probe (token ids [T]) return (BF16 logits, ModelOpt's fake-quantized W4A4 logits): ModelOpt's
+    own emulation of what it exports, computed in the model's BF16."""
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
@@ -35,9 +37,15 @@ def modelopt_nvfp4(source: Path, out: Path, batches: list) -> None:
         for ids in batches:
             m(ids)
 
+    def logits() -> list:
+        return [model(ids[None]).logits[0].float() for ids in probes]
+
     with torch.no_grad(), cpu_nvfp4_fakequant():
+        before = logits()
         mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, loop)
+        after = logits()
         export_hf_checkpoint(model, export_dir=out)
+    return list(zip(before, after))
 
 
 def llmc_fp8_block(source: Path, out: Path) -> None:

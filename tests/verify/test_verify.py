@@ -21,13 +21,14 @@ from verify_faults import (
 
 from sm120_quant.models.load import resolve_source
 from sm120_quant.recipes.schema import ModelSpec, VerifySpec
+from sm120_quant.verify.metrics import TokenTotals, token_stats
 from sm120_quant.verify.prompts import BUILTIN_PROMPTS
 from sm120_quant.verify.reader import CheckpointReader, relative_error
 from sm120_quant.verify.verify import verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = list(BUILTIN_PROMPTS[:4])
+PROMPTS = list(BUILTIN_PROMPTS[:4])  # conftest.PROMPTS: ModelOpt's fake-quant logits are kept for these
 TOKENS = 96
 
 
@@ -162,6 +163,27 @@ def test_metrics_equal_reference(glm47_nvfp4, trained_glm47, glm47_nvfp4_report)
                                                                                          routes["q"][i])
                     for a, b in zip(sa, sq)]
             assert m.routing_stream == pytest.approx(sum(same) / len(same), abs=1 / len(same))
+
+
+def test_emulation_agrees_with_modelopt_fake_quant(glm47_nvfp4, glm47_nvfp4_report):
+    """ModelOpt's own W4A4 fake-quant model (before export) and our emulation of the export are two independent
+    computations of the quantized model; their distance from BF16 must agree. (Not bit for bit: ModelOpt fake-
+    quantizes weights with the kernel's math, computes in BF16, and the export rounds block scales its own way.)"""
+    totals = TokenTotals()
+    for (bf16, fake), prompt_ids in zip(torch.load(glm47_nvfp4 / "modelopt_fakequant_logits.pt"),
+                                        glm47_nvfp4_report_ids(glm47_nvfp4_report)):
+        totals.add(token_stats(bf16, fake, prompt_ids))
+    modelopt, ours = totals.summary(), glm47_nvfp4_report
+    assert ours.kl == pytest.approx(modelopt["kl"], rel=0.25)
+    assert ours.top1 == pytest.approx(modelopt["top1"], abs=0.03)
+    assert ours.cosine == pytest.approx(modelopt["cosine"], abs=2e-3)
+
+
+def glm47_nvfp4_report_ids(report) -> list:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(report.source)
+    return [torch.tensor(tokenizer(p)["input_ids"][:TOKENS]) for p in PROMPTS]
 
 
 def test_weight_errors_equal_reference(glm47_nvfp4, trained_glm47, glm47_nvfp4_report):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sm120_quant.cli import calib_cmd, check_cmd, upload_cmd
+from sm120_quant.cli import calib_cmd, check_cmd, upload_cmd, verify_cmd
 from sm120_quant.cli.common import RecipeArg, out, run_app, version_callback
 
 app = typer.Typer(
@@ -66,6 +66,7 @@ def show(recipe: RecipeArg) -> None:
 app.command("check")(check_cmd.check)
 app.command("fix")(check_cmd.fix)
 app.add_typer(calib_cmd.app, name="calib")
+app.command("verify")(verify_cmd.verify)
 app.command("upload")(upload_cmd.upload)
 
 
