@@ -151,9 +151,16 @@ def build_report(loaded: LoadedRecipe, source, calib, quantized, checkpoint, che
     )
 
 
+OPTIONAL_SECTIONS = ("fixups", "tensor_parallel", "tp_table", "verify")
+
+
 def write_report(report: Report, folder: Path, loaded: LoadedRecipe, coverage_check=None) -> None:
     """report.json and recipe.yaml next to the weights; with expert coverage, its table and heat map too."""
-    (folder / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    data = asdict(report)
+    for key in OPTIONAL_SECTIONS:
+        if not data[key]:
+            del data[key]  # absent means "not measured in this run", which is what the model card says
+    (folder / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     if coverage_check is not None:
         from sm120_quant.calib_data.coverage import save_heatmap
 

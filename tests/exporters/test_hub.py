@@ -186,7 +186,7 @@ def test_unverified_checkpoint_is_refused_unless_forced(hub, unverified):
 @pytest.mark.parametrize(("change", "reason"), [
     ({"verify": {"passed": False, "failures": ["kl 0.91 > 0.5"]}}, "verify failed: kl 0.91 > 0.5"),
     ({"verify": {"metrics": {"cosine": 0.5, "kl": 0.1, "top1": 0.9}}},
-     r"verify failed: cosine 0\.5000 \(needs >= 0\.9\)"),
+     r"verify failed: cosine 0\.5000 \(needs >= 0\.8\)"),
     ({"check": {"summary": {"errors": 2, "warnings": 0}, "layout": "modelopt-nvfp4", "findings": [
         {"level": "ERROR", "rule": "fused-scales", "key": "model.layers.1.mlp.experts.0", "message": "m"}]}},
      "the checkpoint doctor found 2 ERROR\\(s\\), first: fused-scales at model.layers.1.mlp.experts.0"),

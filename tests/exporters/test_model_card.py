@@ -164,7 +164,7 @@ def test_verify_metrics_and_doctor_verdicts_per_tp(run):
     text = render_model_card(run, repo_id=REPO)
     assert "Quantized vs BF16 model on held-out prompts: **passed**." in text
     # Thresholds are the recipe's verify section.
-    assert table_row(text, "cosine") == ["cosine", "0.9877", ">= 0.9000"]
+    assert table_row(text, "cosine") == ["cosine", "0.9877", ">= 0.8000"]
     assert table_row(text, "kl") == ["kl", "0.0123", "<= 0.5000"]
     assert table_row(text, "ppl.quantized") == ["ppl.quantized", "12.7500", ""]
     rows = [r for r in text.splitlines() if re.match(r"\| (vllm|sglang) \| \d \|", r)]

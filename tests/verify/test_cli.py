@@ -60,6 +60,24 @@ def test_broken_export_exits_1_naming_the_layer(flash_fp8, tiny_glm47_flash, pro
     assert "FAIL nonfinite: layer 3:" in out
 
 
+def test_recipe_thresholds_and_prompts(flash_fp8, tiny_glm47_flash, prompts_file, tmp_path, capsys):
+    """verify: in a recipe sets the thresholds, and its prompts path resolves against the recipe's folder."""
+    recipe = prompts_file.parent / "strict.yaml"
+    recipe.write_text(f"""model: {{id: {tiny_glm47_flash}}}
+scheme: fp8_block
+engine: llmcompressor
+calibration: {{passes: [{{name: code, source: builtin, builtin: code, samples: 1}}]}}
+export: {{output_dir: unused}}
+verify: {{prompts: {prompts_file.name}, max_kl: 0.0}}
+""")
+    code, out, err = _run(["verify", str(flash_fp8), "--source", str(tiny_glm47_flash), "--recipe", str(recipe),
+                           "--max-tokens", "48", "--generate", "0", "--json"], capsys)
+    report = json.loads(out)
+    assert code == 1 and report["prompts"] == 2 and report["thresholds"]["max_kl"] == 0.0
+    assert [f["check"] for f in report["failures"]] == ["kl"]
+    assert f"kl {report['kl']:.4g} crosses 0" in err
+
+
 def test_wrong_source_exits_2(flash_fp8, tiny_glm47, capsys):
     code, _, err = _run(["verify", str(flash_fp8), "--source", str(tiny_glm47)], capsys)
     assert code == 2

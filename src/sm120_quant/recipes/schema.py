@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from sm120_quant.recipes.calibration import CalibrationSpec
+from sm120_quant.recipes.calibration import CalibrationSpec, LocalPath
 
 
 class Strict(BaseModel):
@@ -94,9 +94,9 @@ class VerifySpec(Strict):
     modules, checkpoint defects (NaN or zero scales) and changed unquantized tensors always fail."""
 
     enabled: bool = True
-    prompts: str | None = None
-    """A text file with one held-out prompt per line (`.jsonl`: one {"text": ...} per line); None uses built-in
-    prompts unrelated to calibration data."""
+    prompts: LocalPath | None = None
+    """A text file with one held-out prompt per line (`.jsonl`: one {"text": ...} per line), relative to the recipe's
+    folder; None uses built-in prompts unrelated to calibration data."""
     max_kl: float = Field(default=0.5, ge=0)
     """Mean KL(source || quantized) of the next-token distributions, in nats."""
     min_top1: float = Field(default=0.2, ge=0, le=1)

@@ -52,6 +52,11 @@ NORM_CONSUMERS = (
     ("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
 )
 HEAD_NORM_CONSUMERS = (("model.norm", ("lm_head",)),)
+# A producer's output rows divided by a power of two that multiplies its consumer's input columns (AWQ-lite's exact
+# output folds, `quantize.awq`; o_proj columns map to v_proj rows through the GQA head grouping). Weights are compared
+# with that scale undone, reading it off the partner and never off the module itself, so a module that is wrong
+# cannot explain itself away.
+ROW_FOLDS = (("self_attn.v_proj", "self_attn.o_proj"), ("up_proj", "down_proj"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -72,18 +77,20 @@ def runtime_scales(reader: CheckpointReader, module: str) -> tuple[float | None,
     members = [f"{parent}.{p}" for p in siblings if reader.layout(f"{parent}.{p}") == layout]
     globals_ = [reader.global_scale(m) for m in members]
     inputs = [s for s in (reader.input_scale(m) for m in members) if s is not None]
-    input_scale = None
     if _ROUTED_W13.search(module):
         weight_scale = globals_[0] if members[0].endswith("gate_proj") else own[0]
-        if inputs:
-            input_scale = max(inputs)
-    elif layout == "nvfp4":
-        weight_scale = max(globals_)
-        input_scale = max(inputs) if inputs else None
-    else:  # compressed-tensors stores reciprocals; the runtime takes their max
-        weight_scale = min(globals_)
-        input_scale = min(inputs) if inputs else None
-    return weight_scale, input_scale
+        return weight_scale, _reduce(max, inputs)
+    if layout == "nvfp4":
+        return _reduce(max, globals_), _reduce(max, inputs)
+    # compressed-tensors stores reciprocals and the runtime takes their max: the smallest scale here
+    return _reduce(min, globals_), _reduce(min, inputs)
+
+
+def _reduce(pick, values: list[float]) -> float | None:
+    """min/max as torch computes them on the runtime's stacked scales: NaN wins."""
+    if not values:
+        return None
+    return math.nan if any(math.isnan(v) for v in values) else pick(values)
 
 
 def quantize_input(x: torch.Tensor, scheme: ActivationScheme, input_scale: float | None) -> torch.Tensor:
@@ -252,8 +259,13 @@ class Side:
             scale_2, input_scale = runtime_scales(self.reader, full)
             weight = self.reader.linear(full, global_scale=scale_2, keep_nan=True)
             self.layouts[full] = weight.layout
-            if weight.defects:
-                self.defects[full] = weight.defects
+            stored = self.reader.global_scale(full)
+            defects = weight.defects
+            if stored is not None and scale_2 != stored and math.isfinite(stored) and stored > 0:
+                defects += ((f"global weight scale {stored:.6g} differs from its fused siblings'; the runtime "
+                             f"computes this projection with {scale_2:.6g} ({scale_2 / stored:.4g}x its own)"),)
+            if defects:
+                self.defects[full] = defects
             state[f"{name}.weight" if name else "weight"] = weight.weight
             scheme = self.reader.activation(full) if self.quantized else ActivationScheme(Activation.NONE)
             self.activations[full] = scheme.kind.value
@@ -336,10 +348,11 @@ def _tied_head(embedding: nn.Embedding, meta_head: nn.Linear) -> nn.Linear:
 
 
 def compare_weights(prefix: str, source: nn.Module, quantized: nn.Module, side: Side, *,
-                    norm_consumers=NORM_CONSUMERS) -> list[ModuleRecord]:
+                    norm_consumers=NORM_CONSUMERS, row_folds=ROW_FOLDS) -> list[ModuleRecord]:
     """Compare every tensor of a built quantized module (a decoder layer, or the head) with the source's."""
     src, q = source.state_dict(), quantized.state_dict()
     folded_norms = {f"{norm}.weight" for norm, _ in norm_consumers}
+    head_dim = getattr(side.skeleton.config, "head_dim", None)
     records = []
     for key, s in src.items():
         if key in folded_norms:
@@ -348,6 +361,13 @@ def compare_weights(prefix: str, source: nn.Module, quantized: nn.Module, side: 
         full = f"{prefix}.{owner}" if prefix else owner
         norm = _feeding_norm(owner, norm_consumers)
         w_s, w_q = s.float(), q[key].float()
+        fold = _row_fold(owner, src, q, row_folds, head_dim)
+        if fold is not None:
+            axis, scale = fold
+            if axis == "rows":  # a producer's weight [out, in] or bias [out]
+                w_q = w_q * (scale[:, None] if w_q.dim() == 2 else scale)
+            elif w_q.dim() == 2:  # a consumer's columns
+                w_q = w_q / scale[None, :]
         if norm is not None and key.endswith(".weight") and s.dim() == 2:
             w_s, w_q = w_s * src[f"{norm}.weight"].float(), w_q * q[f"{norm}.weight"].float()
         tensor = key.rpartition(".")[2]
@@ -359,6 +379,59 @@ def compare_weights(prefix: str, source: nn.Module, quantized: nn.Module, side: 
             defects=side.defects.get(full, ()) if tensor == "weight" else (),
         ))
     return records
+
+
+def _row_fold(owner: str, src: dict, q: dict, row_folds, head_dim: int | None
+              ) -> tuple[str, torch.Tensor] | None:
+    """("rows", s) for a producer, ("columns", s) for a consumer of an exact power-of-two fold, s read off the
+    partner; None when `owner` is in no fold pair."""
+    for producer, consumer in row_folds:
+        for mine, other, axis in ((producer, consumer, "rows"), (consumer, producer, "columns")):
+            if owner != mine and not owner.endswith("." + mine):
+                continue
+            partner = owner[: len(owner) - len(mine)] + other
+            p_key = f"{partner if axis == 'columns' else owner}.weight"
+            c_key = f"{owner if axis == 'columns' else partner}.weight"
+            if p_key not in src or c_key not in src:
+                return None
+            channel = _consumer_channels(src[p_key].shape[0], src[c_key].shape[1], head_dim)
+            if channel is None:
+                return None
+            if axis == "columns":  # s = ||P_j|| / ||P'_j|| per producer row, spread over the consumer's columns
+                return axis, _pow2(_norms(src[p_key], 1), _norms(q[p_key], 1))[channel]
+            # s = ||C'_j|| / ||C_j|| over the consumer columns fed by producer row j
+            rows = src[p_key].shape[0]
+            return axis, _pow2(_channel_norms(q[c_key], channel, rows), _channel_norms(src[c_key], channel, rows))
+    return None
+
+
+def _channel_norms(consumer: torch.Tensor, channel: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per producer row: the norm of the consumer columns it feeds."""
+    squares = consumer.double().pow(2).sum(0)
+    return torch.zeros(rows, dtype=torch.float64).index_add_(0, channel, squares).sqrt()
+
+
+def _consumer_channels(producer_rows: int, consumer_columns: int, head_dim: int | None) -> torch.Tensor | None:
+    """The producer row feeding each consumer column: identity, or GQA (each KV head's rows feed its q heads')."""
+    columns = torch.arange(consumer_columns)
+    if consumer_columns == producer_rows:
+        return columns
+    if head_dim and consumer_columns % producer_rows == 0 and producer_rows % head_dim == 0:
+        group = consumer_columns // producer_rows
+        return (columns // head_dim) // group * head_dim + columns % head_dim
+    return None
+
+
+def _norms(w: torch.Tensor, dim: int) -> torch.Tensor:
+    return w.double().pow(2).sum(dim).sqrt()
+
+
+def _pow2(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den rounded to the nearest power of two (1 where either is zero or non-finite), as float32."""
+    ratio = num / den
+    usable = torch.isfinite(ratio) & (ratio > 0)
+    exponent = torch.where(usable, torch.log2(torch.where(usable, ratio, 1.0)).round(), 0.0)
+    return torch.exp2(exponent).float()
 
 
 def _feeding_norm(module: str, norm_consumers) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from sm120_quant.errors import UserError
 from sm120_quant.models.load import SourceCheckpoint
 from sm120_quant.recipes.schema import VerifySpec
+from sm120_quant.verify.emulate import ModuleRecord
 
 REPORT_JSON = "verify.json"
 REPORT_PNG = "verify.png"
@@ -38,19 +39,12 @@ class LayerMetrics:
     routing_stream: float | None
     weight_error: float | None  # the worst quantized tensor of the layer
     worst_module: str | None
+    dense_error: float  # the largest change of an unquantized tensor (router, norms folded into consumers, biases)
+    dense_module: str | None
     nonfinite: int  # non-finite values the layer computed from finite inputs (local and stream passes)
     first_nonfinite_module: str | None
     dead_modules: tuple[str, ...]  # quantized linears whose every output was exactly zero for non-zero input
     expert_tokens: tuple[int, ...] | None = None  # MoE: how many held-out tokens the source routes to each expert
-
-
-@dataclass(frozen=True)
-class ModuleError:
-    module: str
-    layout: str
-    activation: str
-    error: float
-    defects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,7 +79,7 @@ class VerifyReport:
     ppl_source: float
     ppl_quantized: float
     layers: tuple[LayerMetrics, ...]
-    modules: tuple[ModuleError, ...]
+    modules: tuple[ModuleRecord, ...]
     generations: tuple[Generation, ...]
     thresholds: dict
     failures: tuple[Failure, ...]
@@ -166,12 +160,10 @@ def verify_checkpoint(checkpoint: Path, source: SourceCheckpoint, spec: VerifySp
         notes.append("greedy generations skipped: the models do not fit in memory together (streamed layer by layer)")
     if (quant_reader.config().get("quantization_config") or {}).get("kv_cache_scheme"):
         notes.append("the checkpoint quantizes the KV cache; KV-cache quantization is not emulated")
-    summary = totals.summary()
-    modules = tuple(ModuleError(r.module, r.layout, r.activation, r.error, r.defects) for r in records)
     report = VerifyReport(
         checkpoint=str(checkpoint), source=str(source.folder), prompts=len(sequences), tokens=totals.positions,
-        **summary, layers=tuple(layers), modules=modules, generations=tuple(generations),
-        thresholds=spec.model_dump(), failures=(), layouts=_count(quant.layouts.values()),
+        **totals.summary(), layers=tuple(layers), modules=tuple(records), generations=tuple(generations),
+        thresholds=spec.model_dump(mode="json"), failures=(), layouts=_count(quant.layouts.values()),
         activations=_count(quant.activations.values()), notes=tuple(notes))
     report = replace(report, failures=tuple(find_failures(report, spec)), seconds=time.perf_counter() - start)
     if out_dir is not None:
@@ -206,6 +198,7 @@ def _run_layer(index, src, quant, layer_s, layer_q, hidden_src, hidden_q, record
     dead = tuple(quant.monitor.dead())
     quantized = [r for r in records if r.layout != "dense"]
     worst = max(quantized, key=lambda r: _sortable(r.error), default=None)
+    dense = max((r for r in records if r.layout == "dense"), key=lambda r: _sortable(r.error), default=None)
     routed = totals.routed
     return LayerMetrics(
         index=index, kind="moe" if routes_src[0] is not None else "dense",
@@ -213,6 +206,7 @@ def _run_layer(index, src, quant, layer_s, layer_q, hidden_src, hidden_q, record
         routing_local=totals.routing_local / routed if routed else None,
         routing_stream=totals.routing_stream / routed if routed else None,
         weight_error=worst.error if worst else None, worst_module=worst.module if worst else None,
+        dense_error=dense.error if dense else 0.0, dense_module=dense.module if dense and dense.error else None,
         nonfinite=totals.nonfinite_local + totals.nonfinite_stream, first_nonfinite_module=first_nonfinite,
         dead_modules=dead,
         expert_tokens=tuple(totals.expert_tokens.tolist()) if totals.expert_tokens is not None else None,
@@ -235,13 +229,16 @@ def find_failures(report: VerifyReport, spec: VerifySpec) -> list[Failure]:
             failures.append(Failure("dead_module", f"{module}: every output is exactly zero", m.index, module))
     quantized = [r for r in report.modules if r.layout != "dense"]
     dense = [r for r in report.modules if r.layout == "dense"]
-    for records, limit, what in ((quantized, spec.max_weight_error, "quantized"),
-                                 (dense, MAX_DENSE_ERROR, "unquantized")):
+    for records, limit, what in (
+        (quantized, spec.max_weight_error, "quantized weight"),
+        # Norm weights are compared folded into their consumers, so this names the consumer a rescale missed.
+        (dense, MAX_DENSE_ERROR, "unquantized tensor (times its input norm)"),
+    ):
         bad = [r for r in records if not _within(r.error, limit)]
         if bad:
             worst = max(bad, key=lambda r: _sortable(r.error))
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            failures.append(Failure("weight_error", f"{worst.module}: {what} weight differs from the source by "
+            failures.append(Failure("weight_error", f"{worst.module}: {what} differs from the source by "
                                     f"{_fmt(worst.error)} (limit {limit:g}){more}", _layer(worst.module),
                                     worst.module, worst.error, limit))
     bad = [m for m in report.layers if not _within(m.local_error, spec.max_layer_error)]
