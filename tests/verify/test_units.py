@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 
 from sm120_quant.errors import UserError
 from sm120_quant.quantize import formats
-from sm120_quant.verify.emulate import quantize_input, runtime_scales
+from sm120_quant.verify.emulate import compare_weights, quantize_input, runtime_scales
 from sm120_quant.verify.metrics import LayerTotals, TokenTotals, same_expert_sets, token_stats
 from sm120_quant.verify.prompts import load_prompts
 from sm120_quant.verify.reader import Activation, ActivationScheme, CheckpointReader
@@ -171,6 +172,69 @@ def test_fp8_token_and_tensor_activations():
     assert float(token[1, 0]) == 300.0 and float(token[0, 1]) == -3.0  # each row's amax maps to 448 exactly
     tensor = quantize_input(x, ActivationScheme(Activation.FP8_TENSOR), 0.5)
     assert tensor.tolist()[1] == [224.0, 0.5, 2.0]  # 300 / 0.5 saturates at 448
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weight comparison: exact folds are no error, anything else is
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _layer(tensors: dict) -> torch.nn.Module:
+    layer = torch.nn.Module()
+    for key, t in tensors.items():
+        *path, leaf = key.split(".")
+        parent = layer
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.register_buffer(leaf, t)
+    return layer
+
+
+def _gqa_layer(gen):
+    """post_attention_layernorm -> router + up/down, and v -> o with 2 KV heads of head_dim 4 feeding 4 q heads."""
+    return {
+        "input_layernorm.weight": torch.rand(6, generator=gen) + 0.5,
+        "self_attn.v_proj.weight": torch.randn(8, 6, generator=gen), "self_attn.v_proj.bias": torch.randn(8, generator=gen),
+        "self_attn.o_proj.weight": torch.randn(6, 16, generator=gen),
+        "post_attention_layernorm.weight": torch.rand(6, generator=gen) + 0.5,
+        "mlp.gate.weight": torch.randn(3, 6, generator=gen),
+        "mlp.up_proj.weight": torch.randn(5, 6, generator=gen), "mlp.down_proj.weight": torch.randn(6, 5, generator=gen),
+    }
+
+
+def _errors(src: dict, quant: dict) -> dict:
+    side = SimpleNamespace(layouts={}, activations={}, defects={}, rescaled={},
+                           skeleton=SimpleNamespace(config=SimpleNamespace(head_dim=4)))
+    return {r.module: r.error for r in compare_weights("layer", _layer(src), _layer(quant), side)}
+
+
+def test_exact_power_of_two_folds_are_no_error():
+    gen = torch.Generator().manual_seed(0)
+    src = _gqa_layer(gen)
+    s_v = 2.0 ** torch.randint(-3, 4, (8,), generator=gen).float()  # one scale per v channel
+    s_o = s_v[((torch.arange(16) // 4) // 2) * 4 + torch.arange(16) % 4]  # each q head reads its KV head's channel
+    s_up = 2.0 ** torch.randint(-3, 4, (5,), generator=gen).float()
+    s_norm = 2.0 ** torch.randint(-3, 4, (6,), generator=gen).float()
+    folded = dict(src)
+    folded["self_attn.v_proj.weight"] = src["self_attn.v_proj.weight"] / s_v[:, None]
+    folded["self_attn.v_proj.bias"] = src["self_attn.v_proj.bias"] / s_v
+    folded["self_attn.o_proj.weight"] = src["self_attn.o_proj.weight"] * s_o
+    folded["post_attention_layernorm.weight"] = src["post_attention_layernorm.weight"] / s_norm
+    folded["mlp.gate.weight"] = src["mlp.gate.weight"] * s_norm
+    folded["mlp.up_proj.weight"] = src["mlp.up_proj.weight"] * s_norm / s_up[:, None]
+    folded["mlp.down_proj.weight"] = src["mlp.down_proj.weight"] * s_up
+    assert max(_errors(src, folded).values()) < 1e-6
+
+
+def test_a_norm_rescale_missing_a_consumer_blames_that_consumer():
+    src = _gqa_layer(torch.Generator().manual_seed(1))
+    broken = dict(src)
+    broken["post_attention_layernorm.weight"] = src["post_attention_layernorm.weight"] * 2
+    broken["mlp.up_proj.weight"] = src["mlp.up_proj.weight"] / 2  # compensated; the router is not
+    errors = _errors(src, broken)
+    assert errors["layer.mlp.gate"] == pytest.approx(1.0) and errors["layer.mlp.up_proj"] < 1e-6
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ L = 2
 
 @pytest.mark.parametrize("make_fault, check, target", [
     (swap_nibbles, "weight_error", "experts.{e}.down_proj"),
-    (own_up_global_scale, "weight_error", "experts.{e}"),
+    (own_up_global_scale, "defect", "experts.{e}"),
     (zero_input_scale, "defect", "experts.{e}.down_proj"),
     (nan_block_scale, "defect", "experts.{e}.gate_proj"),
     (rescale_norm_not_router, "weight_error", None),
@@ -234,7 +234,8 @@ def test_planted_fault_nvfp4(glm47_nvfp4, trained_glm47, glm47_nvfp4_report, tmp
         assert errors[module] > 1.0  # the reference dequantizer measures 1.41 with swapped nibbles
     if module.endswith("up_proj"):
         assert errors[module] == pytest.approx(0.75, abs=0.02)  # up computed with gate's scale, 1/4 of its own
-    if make_fault is zero_weights:
+        assert "differs from its fused siblings'" in first.message and "(0.25x its own)" in first.message
+    elif make_fault is zero_weights:
         assert r.failures[0].message == f"{module}: every E2M1 code is zero"
         assert module in r.layers[L].dead_modules and any(f.check == "dead_module" for f in r.failures)
     elif check == "defect":  # the runtime computes NaN for every token routed there, and nowhere before that layer

@@ -224,6 +224,8 @@ class Side:
         self.dtype, self.device, self.keep_layers = dtype, device, keep_layers
         self.monitor = Monitor()
         self.defects: dict[str, tuple[str, ...]] = {}
+        # Runtime global scale / stored global scale, where a fused group makes them differ.
+        self.rescaled: dict[str, float] = {}
         self.layouts: dict[str, str] = {}
         self.activations: dict[str, str] = {}
         self._layers: dict[int, nn.Module] = {}
@@ -262,6 +264,7 @@ class Side:
             stored = self.reader.global_scale(full)
             defects = weight.defects
             if stored is not None and scale_2 != stored and math.isfinite(stored) and stored > 0:
+                self.rescaled[full] = scale_2 / stored
                 defects += ((f"global weight scale {stored:.6g} differs from its fused siblings'; the runtime "
                              f"computes this projection with {scale_2:.6g} ({scale_2 / stored:.4g}x its own)"),)
             if defects:
@@ -353,6 +356,13 @@ def compare_weights(prefix: str, source: nn.Module, quantized: nn.Module, side: 
     src, q = source.state_dict(), quantized.state_dict()
     folded_norms = {f"{norm}.weight" for norm, _ in norm_consumers}
     head_dim = getattr(side.skeleton.config, "head_dim", None)
+    # Folds are read off the weights as exported: a partner the runtime rescales (a fused-scale defect of its own)
+    # must not make this module look wrong too.
+    exported = dict(q)
+    for key in q:
+        owner = f"{prefix}.{key.removesuffix('.weight')}"
+        if key.endswith(".weight") and owner in side.rescaled:
+            exported[key] = q[key] / side.rescaled[owner]
     records = []
     for key, s in src.items():
         if key in folded_norms:
@@ -361,7 +371,7 @@ def compare_weights(prefix: str, source: nn.Module, quantized: nn.Module, side: 
         full = f"{prefix}.{owner}" if prefix else owner
         norm = _feeding_norm(owner, norm_consumers)
         w_s, w_q = s.float(), q[key].float()
-        fold = _row_fold(owner, src, q, row_folds, head_dim)
+        fold = _row_fold(owner, src, exported, row_folds, head_dim, norm_consumers)
         if fold is not None:
             axis, scale = fold
             if axis == "rows":  # a producer's weight [out, in] or bias [out]
@@ -381,10 +391,10 @@ def compare_weights(prefix: str, source: nn.Module, quantized: nn.Module, side: 
     return records
 
 
-def _row_fold(owner: str, src: dict, q: dict, row_folds, head_dim: int | None
+def _row_fold(owner: str, src: dict, q: dict, row_folds, head_dim: int | None, norm_consumers
               ) -> tuple[str, torch.Tensor] | None:
     """("rows", s) for a producer, ("columns", s) for a consumer of an exact power-of-two fold, s read off the
-    partner; None when `owner` is in no fold pair."""
+    partner (a producer's rows with its own input norm folded in); None when `owner` is in no fold pair."""
     for producer, consumer in row_folds:
         for mine, other, axis in ((producer, consumer, "rows"), (consumer, producer, "columns")):
             if owner != mine and not owner.endswith("." + mine):
@@ -398,7 +408,11 @@ def _row_fold(owner: str, src: dict, q: dict, row_folds, head_dim: int | None
             if channel is None:
                 return None
             if axis == "columns":  # s = ||P_j|| / ||P'_j|| per producer row, spread over the consumer's columns
-                return axis, _pow2(_norms(src[p_key], 1), _norms(q[p_key], 1))[channel]
+                norm = _feeding_norm(p_key.rpartition(".")[0], norm_consumers)
+                p_src, p_q = src[p_key].double(), q[p_key].double()
+                if norm is not None:
+                    p_src, p_q = p_src * src[f"{norm}.weight"].double(), p_q * q[f"{norm}.weight"].double()
+                return axis, _pow2(_norms(p_src, 1), _norms(p_q, 1))[channel]
             # s = ||C'_j|| / ||C_j|| over the consumer columns fed by producer row j
             rows = src[p_key].shape[0]
             return axis, _pow2(_channel_norms(q[c_key], channel, rows), _channel_norms(src[c_key], channel, rows))
