@@ -134,7 +134,7 @@ def verify_summary(verified) -> dict | None:
     """The headline of `quantize verify` for report.json (the full report is verify.json beside it)."""
     if verified is None:
         return None
-    routing = [m.routing_stream for m in verified.layers if m.routing_stream is not None]
+    routing = [m.routing_local for m in verified.layers if m.routing_local is not None]
     return {"passed": verified.passed, "worst_layer": verified.worst_layer,
             "metrics": {"cosine": verified.cosine, "kl": verified.kl, "top1": verified.top1,
                         "routing_agreement": min(routing) if routing else None,
