@@ -72,6 +72,11 @@ def run_recipe(loaded: LoadedRecipe, output: Path | None = None, overwrite: bool
         with stats.stage("fixups_and_check"):
             staging, check, fixed = fix_and_check(staging, recipe, source)
             checkpoint = replace(checkpoint, folder=staging)
+        # Fail before verification, the expensive step: an export with doctor ERRORs is never published anyway.
+        if check.errors:
+            first = check.errors[0]
+            raise CheckFailed(f"the export has {len(check.errors)} checkpoint ERROR(s); first: {first.key}: "
+                              f"{first.message}; nothing was written to {target}")
         if fixed is not None:
             rules = ", ".join(sorted({a.rule.value for a in fixed.actions}))
             quantized.notes.append(f"fixups: {len(fixed.actions)} repairs ({rules}); max added weight error "
@@ -93,10 +98,6 @@ def run_recipe(loaded: LoadedRecipe, output: Path | None = None, overwrite: bool
                          tensor_parallel=by_tp, tp_table=tp_rows(source.config, recipe),
                          verify=verify_summary(verified))
         write_report(report, staging, loaded, quantized.coverage_check)
-        if check.errors:
-            first = check.errors[0]
-            raise CheckFailed(f"the export has {len(check.errors)} checkpoint ERROR(s); first: {first.key}: "
-                              f"{first.message}; nothing was written to {target}")
         if verified is not None and not verified.passed:
             first = verified.failures[0]
             raise CheckFailed(f"verification against the BF16 source failed: {first.message} "
