@@ -11,7 +11,9 @@ transformers dequantizes it and it is saved as a BF16 source, so its "BF16" weig
 Each source is quantized to ModelOpt NVFP4 W4A4 (max calibration on windows of the training split), to NVFP4 after
 the project's exact AWQ-lite smoothing (GLM only), and to llm-compressor FP8 block: by the product pipeline
 (`quantize run` on a generated recipe) for the GLM model, by the engines' stock configs for SmolLM2 (the pipeline is
-GLM-only). `--schemes` picks a subset. Each export is then verified on two held-out sets:
+GLM-only). `--schemes` picks a subset; `--draws N` repeats each with N calibration draws (draw 0: the first
+training files; draw k: the training files shuffled with seed k) to show the draw-to-draw spread. Each export is then
+verified on two held-out sets:
 the built-in prompts (prose, Chinese, several languages of code, data) and windows of the held-out stdlib files
 (Python, as in training). Prints a markdown table, one row per export and held-out set.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -112,9 +115,9 @@ export: {{output_dir: {work / scheme}}}
     return out, time.perf_counter() - start
 
 
-HEADER = ("| model | held-out text | scheme | positions | ppl BF16 | ppl quantized | ΔPPL | KL (nats) | top-1 | "
-          "logits cosine | min routing agreement | worst layer error | verify | quantize s | verify s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | held-out text | scheme | draw | positions | ppl BF16 | ppl quantized | ΔPPL | KL (nats) | "
+          "top-1 | logits cosine | min routing agreement | worst layer error | verify | quantize s | verify s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every report summary here")
     parser.add_argument("--schemes", nargs="+", default=[s for s, _ in SCHEMES], choices=[s for s, _ in SCHEMES],
                         help="which schemes to quantize and verify (default: all)")
+    parser.add_argument("--draws", type=int, default=1, help="calibration draws per scheme (default 1)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -147,24 +151,28 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(source)
         folder = work / source.name
         folder.mkdir(exist_ok=True)
-        calib_texts = windows(training_code_files(), tokenizer, CALIBRATION_SAMPLES)
         heldout = windows(heldout_code_files(), tokenizer, HELDOUT_WINDOWS)
         src = resolve_source(ModelSpec(id=str(source)))
-        for scheme, engine in SCHEMES:
+        for draw, (scheme, engine) in ((d, s) for d in range(args.draws) for s in SCHEMES):
             if scheme not in args.schemes or (not pipeline and scheme not in ENGINE_SCHEMES):
                 continue
-            ckpt, q_seconds = quantize(source, scheme, engine, calib_texts, folder, pipeline)
+            files = training_code_files()
+            if draw:
+                random.Random(draw).shuffle(files)
+            calib_texts = windows(files, tokenizer, CALIBRATION_SAMPLES)
+            (folder / f"draw{draw}").mkdir(exist_ok=True)
+            ckpt, q_seconds = quantize(source, scheme, engine, calib_texts, folder / f"draw{draw}", pipeline)
             for prompt_set, prompts in (("built-in", list(BUILTIN_PROMPTS)), ("held-out code", heldout)):
                 r = verify_checkpoint(ckpt, src, VerifySpec(), prompts=prompts, max_prompt_tokens=WINDOW_TOKENS,
                                       generate_tokens=0)
                 routing = [m.routing_local for m in r.layers if m.routing_local is not None]
                 route = f"{min(routing):.1%}" if routing else "–"
                 delta = 100 * (r.ppl_quantized / r.ppl_source - 1)
-                print(f"| {label} | {prompt_set} | {scheme} | {r.tokens} | {r.ppl_source:.2f} | {r.ppl_quantized:.2f} "
-                      f"| {delta:+.2f}% | {r.kl:.4f} | {r.top1:.1%} | {r.cosine:.5f} | {route} | "
+                print(f"| {label} | {prompt_set} | {scheme} | {draw} | {r.tokens} | {r.ppl_source:.2f} | "
+                      f"{r.ppl_quantized:.2f} | {delta:+.2f}% | {r.kl:.4f} | {r.top1:.1%} | {r.cosine:.5f} | {route} | "
                       f"{max(m.local_error for m in r.layers):.3f} | {'pass' if r.passed else 'FAIL'} | "
                       f"{q_seconds:.0f} | {r.seconds:.0f} |", flush=True)
-                summaries.append({"model": label, "prompts": prompt_set, "scheme": scheme}
+                summaries.append({"model": label, "prompts": prompt_set, "scheme": scheme, "draw": draw}
                                  | {k: v for k, v in r.to_dict().items() if k not in ("modules", "layers")})
     if args.json:
         args.json.write_text(json.dumps(summaries, indent=2, ensure_ascii=False) + "\n")

@@ -145,6 +145,7 @@ def test_awq_lite_exports_plain_nvfp4_that_checks_clean(recipe, tmp_path):
     assert smoothing and any(g["alpha"] > 0 for g in smoothing)
     assert all(g["loss_ratio"] <= 1.0 for g in smoothing)
     assert any("folding the AWQ-lite scales: logits unchanged (bit-identical)" in n for n in data["notes"])
+    assert any(n.startswith("AWQ-lite:") and "(1 calibration pass)" in n for n in data["notes"])  # tiny: one chunk
     assert "smoothed BF16 weight" in data["weight_error"]["metric"]
 
 

@@ -199,7 +199,7 @@ def test_mtp_copied_from_source(exports, tiny_sources, tools, tmp_path):
     expected = mtp_tensors(tiny_sources["glm47"])
     assert copied.keys() == expected.keys() and all(torch.equal(copied[k], expected[k]) for k in expected)
     index = json.loads((tmp_path / "fixed" / "model.safetensors.index.json").read_text())
-    assert {index["weight_map"][k] for k in expected} == {"mtp.safetensors"}
+    assert {index["weight_map"][k] for k in expected} == {"model-mtp.safetensors"}
     assert "model.layers.4*" in json.loads((tmp_path / "fixed" / "hf_quant_config.json").read_text())[
         "quantization"]["exclude_modules"]
 

@@ -15,7 +15,7 @@ def _router_outputs(model, batch):
     return layer.mlp.gate(layer.post_attention_layernorm(model.model.embed_tokens(batch["input_ids"])))
 
 
-def _smooth(name: str, exclude=()):
+def _smooth(name: str, capture_budget=None):
     loaded = load_recipe(f"tiny-{name}-nvfp4-awq")
     source = resolve_source(loaded.recipe.model)
     calib = build_calibration_set(loaded.recipe.calibration, AutoTokenizer.from_pretrained(source.folder),
@@ -24,13 +24,21 @@ def _smooth(name: str, exclude=()):
     expand_experts(model)
     reference = load_model(loaded.recipe.model, source)
     batch = next(iter(calib))
-    results = awq.smooth(model, make_forward_loop(calib), list(exclude), capture_rows=128)
-    return model, reference, results, batch
+    passes = []
+
+    def loop(m):
+        passes.append(len(m.model.layers))
+        make_forward_loop(calib)(m)
+
+    smoothing = awq.smooth(model, loop, [], capture_rows=128, capture_budget=capture_budget)
+    assert smoothing.passes == len(passes)
+    return model, reference, smoothing, batch, passes
 
 
 @pytest.fixture(scope="module", params=["glm47", "glm47-flash"])
 def smoothed(request):
-    return request.param, *_smooth(request.param)
+    model, reference, smoothing, batch, _ = _smooth(request.param)
+    return request.param, model, reference, smoothing.groups, batch
 
 
 def test_smoothing_folds_exactly_and_keeps_routing(smoothed):
@@ -70,3 +78,15 @@ def test_excluded_consumers_are_compensated_not_optimized(smoothed):
     assert "model.layers.1.mlp.shared_experts.gate_proj" in mlp_in.compensate
     assert "model.layers.1.mlp.shared_experts.gate_proj" not in mlp_in.consumers
     assert not any(g.owner.startswith("model.layers.1.mlp.shared_experts") for g in groups)
+
+
+def test_search_in_one_layer_passes_finds_what_one_pass_finds(smoothed):
+    name, model, _, results, _ = smoothed
+    chunked, _, smoothing, _, passes = _smooth(name, capture_budget=0)
+    # Each pass runs only the layers up to the one it captures: the layers after it are not needed.
+    assert passes == list(range(1, len(model.model.layers) + 1))
+    assert smoothing.groups == results
+    after, before = chunked.state_dict(), model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in after)
+    assert len(chunked.model.layers) == len(model.model.layers)  # the full model is back after the passes

@@ -194,14 +194,38 @@ def check_coverage(table: CoverageTable, policy: CoveragePolicy, min_tokens: int
     return CoverageCheck(table, policy, min_tokens, tuple(under), table.scale_sources(policy, min_tokens))
 
 
+class RoutedTokens:
+    """Routed tokens per (MoE layer, expert), fed with each router's top-k indices by the caller's hooks."""
+
+    def __init__(self, layers: list[MoELayer]):
+        self.layers = layers
+        self._counts: dict[int, torch.Tensor] = {}
+        self._tokens: dict[int, int] = {}
+
+    def add(self, moe: MoELayer, topk_indices: torch.Tensor) -> None:
+        """`topk_indices` [tokens, top_k]: one row per real (unpadded) token."""
+        counts = torch.bincount(topk_indices.reshape(-1), minlength=moe.num_experts)
+        previous = self._counts.get(moe.layer)
+        # Counted on the router's device; moved to the CPU only when a table is asked for.
+        self._counts[moe.layer] = counts if previous is None else previous + counts.to(previous.device)
+        self._tokens[moe.layer] = self._tokens.get(moe.layer, 0) + topk_indices.shape[0]
+
+    def table(self) -> CoverageTable:
+        rows = []
+        for m in self.layers:
+            counts = self._counts.get(m.layer)
+            rows.append(tuple(counts.cpu().tolist()) if counts is not None else (0,) * m.num_experts)
+        return CoverageTable(tuple(m.layer for m in self.layers), tuple(rows),
+                             tuple(self._tokens.get(m.layer, 0) for m in self.layers), self.layers[0].top_k)
+
+
 class ExpertCoverage:
     """Counts calibration tokens per (MoE layer, routed expert) while attached (use as a context manager)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.layers = moe_layers(model)
-        self._counts: dict[int, torch.Tensor] = {}
-        self._tokens: dict[int, int] = {}
+        self._routed = RoutedTokens(self.layers)
         self._mask: _MaskTracker | None = None
         self._handles: list[Any] = []
 
@@ -224,21 +248,12 @@ class ExpertCoverage:
             keep = self._mask.keep(topk_indices.shape[0])
             if keep is not None:
                 topk_indices = topk_indices[keep.to(topk_indices.device)]
-            counts = torch.bincount(topk_indices.reshape(-1), minlength=moe.num_experts)
-            previous = self._counts.get(moe.layer)
-            # Counted on the router's device; moved to the CPU only when a table is asked for.
-            self._counts[moe.layer] = counts if previous is None else previous + counts.to(previous.device)
-            self._tokens[moe.layer] = self._tokens.get(moe.layer, 0) + topk_indices.shape[0]
+            self._routed.add(moe, topk_indices)
 
         return hook
 
     def coverage_table(self) -> CoverageTable:
-        rows = []
-        for m in self.layers:
-            counts = self._counts.get(m.layer)
-            rows.append(tuple(counts.cpu().tolist()) if counts is not None else (0,) * m.num_experts)
-        return CoverageTable(tuple(m.layer for m in self.layers), tuple(rows),
-                             tuple(self._tokens.get(m.layer, 0) for m in self.layers), self.layers[0].top_k)
+        return self._routed.table()
 
     def check_coverage(self, policy: CoveragePolicy, min_tokens: int) -> CoverageCheck:
         return check_coverage(self.coverage_table(), policy, min_tokens)

@@ -51,13 +51,13 @@ from sm120_quant.exporters.check import (
     param,
     read_json,
 )
+from sm120_quant.exporters.mtp import MTP_SHARD
 from sm120_quant.exporters.safetensors_header import RawTensor, TensorInfo, read_header, write_safetensors
 
 FIXABLE: tuple[Rule, ...] = (
     Rule.FUSED_SCALES, Rule.BLOCK_SCALES, Rule.KV_SCALE_NAMES, Rule.KV_SCALES, Rule.KV_SCALES_MLA,
     Rule.NOT_EXCLUDED, Rule.MTP_NOT_EXCLUDED, Rule.EXCLUDED_SCALES, Rule.MTP_MISSING, Rule.MTP_QUANTIZED, Rule.ROUTER,
 )
-MTP_FILE = "mtp.safetensors"
 _E4M3_448 = 0x7E
 
 
@@ -342,8 +342,8 @@ def _fix_mtp(plan: _Plan, source: Mapping[str, tuple[Path, TensorInfo]] | None) 
         entry = _layer_entry(ctx, layer)
         if not ctx.excluded(prefix + "self_attn.o_proj") and entry not in plan.exclude:
             plan.exclude.append(entry)
-        plan.act(rule, prefix + "*", f"copied {len(copied)} BF16 tensors from the source into {MTP_FILE} "
-                                      f"(replacing {len(existing)}) and excluded the layer")
+        plan.act(rule, prefix + "*", f"copied {len(copied)} BF16 tensors from the source into "
+                                      f"{_mtp_file(ctx.ckpt)} (replacing {len(existing)}) and excluded the layer")
 
 
 def _fix_router(plan: _Plan, source: Mapping[str, tuple[Path, TensorInfo]] | None) -> None:
@@ -399,10 +399,16 @@ def _source_tensors(source: Path) -> dict[str, tuple[Path, TensorInfo]]:
 # Writing the copy
 
 
+def _mtp_file(ckpt) -> str:
+    """Where copied MTP tensors go: a shard of their own (named as the exporter names it) when an index lists the
+    shards, else the single file (a second file would need an index the checkpoint does not have)."""
+    return MTP_SHARD if ckpt.index is not None else next(iter(ckpt.headers))
+
+
 def _write(ctx: CheckContext, plan: _Plan, source, tmp: Path) -> None:
     ckpt = ctx.ckpt
     mtp_new = bool(plan.add)
-    target_of_new = MTP_FILE if ckpt.index is not None else next(iter(ckpt.headers))
+    target_of_new = _mtp_file(ckpt)
     touched = {ckpt.tensors[n].file for n in (*plan.replace, *plan.drop, *plan.rename)}
     if mtp_new:
         touched.add(target_of_new)

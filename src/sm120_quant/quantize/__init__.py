@@ -64,9 +64,9 @@ def _smooth(recipe: Recipe, quantized: QuantizedModel, forward_loop) -> None:
     if not recipe.moe.expand_experts:
         raise UserError("scheme nvfp4_awq_lite needs moe.expand_experts: true (AWQ-lite searches per-expert "
                         "linears); set it or use scheme: nvfp4")
-    results = awq.smooth(quantized.model, forward_loop, recipe.exclude)
-    quantized.smoothing = [r.to_dict() for r in results]
-    quantized.notes.append(awq.describe(results))
+    smoothing = awq.smooth(quantized.model, forward_loop, recipe.exclude)
+    quantized.smoothing = [r.to_dict() for r in smoothing.groups]
+    quantized.notes.append(awq.describe(smoothing))
 
 
 # On CPU the rewrites are bit-exact. On CUDA, cuBLAS picks kernels (and reduction orders) by shape, so two

@@ -25,12 +25,18 @@ The search is AWQ-lite's: per group, candidate scales `s = mean|x|^alpha` (norma
 for alpha on a grid including 0 (s = 1, i.e. no smoothing), and the candidate with the least output error of the
 fake-quantized (W4A4) consumers on captured calibration inputs wins. alpha = 0 is always a candidate, so on the
 calibration data a group is never worse than max calibration.
+
+Captured inputs of one GLM-4.7 layer take ~4.5 GB (2048 rows for each of 160 experts' gate and down inputs), so
+the search runs in passes over consecutive layers sized to a memory budget, each pass stopping after its last
+layer. Because every fold is exact, smoothing earlier layers does not change what later layers see: the passes
+find what one pass over all layers would.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -41,11 +47,13 @@ from sm120_quant.quantize.formats import fake_quant_nvfp4
 ALPHAS = tuple(i / 10 for i in range(11))
 MAX_EXPONENT = 8  # scales within 2^-8 .. 2^8: far from bf16's range limits, wide enough for activation outliers
 CAPTURE_ROWS = 2048  # calibration rows kept per consumer for the search
+CPU_CAPTURE_BUDGET = 8 << 30  # bytes of captured inputs per pass on CPU; on CUDA a quarter of the free memory
 
 
 @dataclass
 class Group:
     name: str
+    layer: int
     owner: str  # norm (weight divided) or projection (rows divided)
     owner_kind: str  # "norm" | "rows"
     consumers: list[str]  # linears whose columns are multiplied and whose quantization error is minimized
@@ -74,17 +82,18 @@ def find_groups(model: nn.Module, excluded: list[str]) -> list[Group]:
         p = f"model.layers.{i}"
         attn = layer.self_attn
         if hasattr(attn, "kv_a_proj_with_mqa"):
-            groups.append(Group(f"{p}.attn_in", f"{p}.input_layernorm", "norm",
+            groups.append(Group(f"{p}.attn_in", i, f"{p}.input_layernorm", "norm",
                                 [f"{p}.self_attn.q_a_proj", f"{p}.self_attn.kv_a_proj_with_mqa"]))
-            groups.append(Group(f"{p}.q_b_in", f"{p}.self_attn.q_a_layernorm", "norm", [f"{p}.self_attn.q_b_proj"]))
-            groups.append(Group(f"{p}.kv_b_in", f"{p}.self_attn.kv_a_layernorm", "norm",
+            groups.append(Group(f"{p}.q_b_in", i, f"{p}.self_attn.q_a_layernorm", "norm",
+                                [f"{p}.self_attn.q_b_proj"]))
+            groups.append(Group(f"{p}.kv_b_in", i, f"{p}.self_attn.kv_a_layernorm", "norm",
                                 [f"{p}.self_attn.kv_b_proj"]))
         else:
-            groups.append(Group(f"{p}.attn_in", f"{p}.input_layernorm", "norm",
+            groups.append(Group(f"{p}.attn_in", i, f"{p}.input_layernorm", "norm",
                                 [f"{p}.self_attn.{n}_proj" for n in "qkv"]))
             heads = attn.o_proj.in_features // attn.head_dim
             kv_heads = attn.v_proj.out_features // attn.head_dim
-            groups.append(Group(f"{p}.attn_out", f"{p}.self_attn.v_proj", "rows", [f"{p}.self_attn.o_proj"],
+            groups.append(Group(f"{p}.attn_out", i, f"{p}.self_attn.v_proj", "rows", [f"{p}.self_attn.o_proj"],
                                 heads_per_kv=heads // kv_heads, head_dim=attn.head_dim))
         mlp = layer.mlp
         mlps = []
@@ -92,13 +101,13 @@ def find_groups(model: nn.Module, excluded: list[str]) -> list[Group]:
             if not isinstance(mlp.experts, nn.ModuleList):
                 raise ValueError(f"{p}.mlp.experts: AWQ smoothing needs expanded experts (moe.expand_experts: true)")
             mlps = [f"{p}.mlp.shared_experts"] + [f"{p}.mlp.experts.{e}" for e in range(len(mlp.experts))]
-            groups.append(Group(f"{p}.mlp_in", f"{p}.post_attention_layernorm", "norm",
+            groups.append(Group(f"{p}.mlp_in", i, f"{p}.post_attention_layernorm", "norm",
                                 [f"{m}.{n}_proj" for m in mlps for n in ("gate", "up")], [f"{p}.mlp.gate"]))
         else:
             mlps = [f"{p}.mlp"]
-            groups.append(Group(f"{p}.mlp_in", f"{p}.post_attention_layernorm", "norm",
+            groups.append(Group(f"{p}.mlp_in", i, f"{p}.post_attention_layernorm", "norm",
                                 [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]))
-        groups.extend(Group(f"{m}.mlp_out", f"{m}.up_proj", "rows", [f"{m}.down_proj"]) for m in mlps)
+        groups.extend(Group(f"{m}.mlp_out", i, f"{m}.up_proj", "rows", [f"{m}.down_proj"]) for m in mlps)
     for g in groups:
         # An excluded (BF16) consumer is still rescaled, for exactness, but its error is not ours to minimize.
         kept = [c for c in g.consumers if not _excluded(c, excluded)]
@@ -111,22 +120,76 @@ def _excluded(module: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module + ".", p) for p in patterns)
 
 
-def smooth(model: nn.Module, forward_loop, excluded: list[str], capture_rows: int = CAPTURE_ROWS
-           ) -> list[GroupResult]:
-    """Search and fold AWQ-lite scales into `model` in place; returns one result per group (groups whose consumers
-    no calibration token reached, such as an expert never routed to, keep scale 1)."""
+@dataclass(frozen=True)
+class Smoothing:
+    groups: list[GroupResult]
+    passes: int  # calibration passes the search took (layers are captured in memory-sized chunks)
+
+
+def smooth(model: nn.Module, forward_loop, excluded: list[str], capture_rows: int = CAPTURE_ROWS,
+           capture_budget: int | None = None) -> Smoothing:
+    """Search and fold AWQ-lite scales into `model` in place; one result per group (groups whose consumers no
+    calibration token reached, such as an expert never routed to, keep scale 1). `capture_budget` bounds the bytes
+    of inputs captured per calibration pass (default: CPU_CAPTURE_BUDGET, or a quarter of free CUDA memory)."""
     groups = find_groups(model, excluded)
-    consumers = sorted({c for g in groups for c in g.consumers})
-    captured = _capture_inputs(model, consumers, forward_loop, capture_rows)
+    budget = capture_budget if capture_budget is not None else _default_budget(model)
+    chunks = _layer_chunks(model, groups, capture_rows, budget)
     results = []
+    for chunk in chunks:
+        consumers = sorted({c for g in chunk for c in g.consumers})
+        with _first_layers(model, chunk[-1].layer + 1):
+            captured = _capture_inputs(model, consumers, forward_loop, capture_rows)
+        for g in chunk:
+            inputs = {c: captured[c] for c in g.consumers if c in captured}
+            if not inputs:
+                continue  # no calibration token reached any consumer (an unrouted expert): nothing to fit
+            scale, result = _search(model, g, inputs)
+            _fold(model, g, scale)
+            results.append(result)
+        del captured
+    return Smoothing(results, len(chunks))
+
+
+def _default_budget(model: nn.Module) -> int:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return CPU_CAPTURE_BUDGET
+
+
+def _capture_bytes(model: nn.Module, groups: list[Group], capture_rows: int) -> int:
+    owners = {_input_owner(c) for g in groups for c in g.consumers}
+    weights = [model.get_submodule(o).weight for o in owners]
+    return sum(capture_rows * w.shape[1] * w.element_size() for w in weights)
+
+
+def _layer_chunks(model: nn.Module, groups: list[Group], capture_rows: int, budget: int) -> list[list[Group]]:
+    """Consecutive layers' groups, as many layers per chunk as fit the budget (at least one)."""
+    by_layer: dict[int, list[Group]] = {}
     for g in groups:
-        inputs = {c: captured[c] for c in g.consumers if c in captured}
-        if not inputs:
-            continue  # no calibration token reached any consumer (an unrouted expert): nothing to fit
-        scale, result = _search(model, g, inputs)
-        _fold(model, g, scale)
-        results.append(result)
-    return results
+        by_layer.setdefault(g.layer, []).append(g)
+    chunks: list[list[Group]] = []
+    used = 0
+    for layer in sorted(by_layer):
+        size = _capture_bytes(model, by_layer[layer], capture_rows)
+        if not chunks or used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].extend(by_layer[layer])
+        used += size
+    return chunks
+
+
+@contextmanager
+def _first_layers(model: nn.Module, count: int):
+    """The model runs only its first `count` decoder layers (then its final norm and head): a pass that captures
+    a chunk of layers has no use for the layers after it."""
+    layers = model.model.layers
+    model.model.layers = nn.ModuleList(list(layers)[:count])
+    try:
+        yield
+    finally:
+        model.model.layers = layers
 
 
 # Siblings that read the same input as the first projection of their module: captured once, shared.
@@ -232,10 +295,12 @@ def _fold(model: nn.Module, g: Group, s: torch.Tensor) -> None:
             w.mul_(s.to(w.device, w.dtype))
 
 
-def describe(results: list[GroupResult]) -> str:
+def describe(smoothing: Smoothing) -> str:
+    results = smoothing.groups
     if not results:
         return "AWQ-lite: no group had calibration inputs"
     smoothed = sum(1 for r in results if r.alpha > 0)
     mean_ratio = math.fsum(r.loss_ratio for r in results) / len(results)
     return (f"AWQ-lite: {smoothed}/{len(results)} groups smoothed with power-of-two scales folded into the BF16 "
-            f"model; mean output-error ratio vs max calibration {mean_ratio:.3f}")
+            f"model ({smoothing.passes} calibration pass{'es' if smoothing.passes > 1 else ''}); mean output-error "
+            f"ratio vs max calibration {mean_ratio:.3f}")

@@ -40,6 +40,9 @@ _E4M3_MIN_SUBNORMAL = 2.0**-9
 # Constants of ModelOpt's Triton kernel `fp4_fake_quant_block`, which works in fp32.
 _FAKEQUANT_ZERO_GLOBAL_SCALE = 1e-12
 _FAKEQUANT_MIN_BLOCK_SCALE = 1e-5
+# 1 / (6 * 448) as torch's CUDA division by a Python number forms it: an fp32 division on the host (the fp64 quotient
+# rounded to fp32 could round differently).
+_GLOBAL_SCALE_RECIPROCAL = torch.tensor(1.0) / torch.tensor(E2M1_MAX * E4M3_MAX)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _E4M3_NAN_MAGNITUDE = 0x7F
@@ -187,10 +190,13 @@ def fake_quant_nvfp4(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
 
     A last dimension that is not a multiple of 16 ends in a shorter block, as the kernel's zero padding gives. The
     result has the shape and dtype of `x` (float32, bfloat16 or float16); `amax` is the calibrated global amax, one
-    value. Signed zeros follow the kernel: `-0.0` stays `+0.0`, a negative value rounded to zero becomes `-0.0`.
+    value. Every zero is `+0.0`, as the kernel gives (measured with Triton 3.6 on an H200: its `where(x >= 0, r, -r)`
+    does not produce `-0.0`).
 
-    Divisions here are IEEE (correctly rounded). Triton lowers fp32 `/` to PTX `div.full.f32` (up to 2 ulp off), so
-    on a GPU a quotient within 2 ulp of an E2M1 midpoint or an E4M3 rounding point can land on the other side.
+    The global scale is formed as on a GPU, where ModelOpt computes `amax / (6 * 448)` with torch, which divides a
+    CUDA tensor by a Python number by multiplying with its fp32 reciprocal (up to 1 ulp from the IEEE quotient).
+    The other divisions here are IEEE. Triton lowers fp32 `/` to PTX `div.full.f32` (up to 2 ulp off), so on a GPU
+    a quotient within a few ulp of an E2M1 midpoint or an E4M3 rounding point can land on the other side.
     """
     _require_float(x, "x")
     if x.dim() == 0:
@@ -203,7 +209,7 @@ def fake_quant_nvfp4(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     xf = torch.nn.functional.pad(x.float(), (0, padding))
     blocks = xf.reshape(*xf.shape[:-1], -1, NVFP4_GROUP)
 
-    global_scale = nvfp4_global_scale(amax)
+    global_scale = amax.float() * _GLOBAL_SCALE_RECIPROCAL.to(x.device)
     global_scale = torch.where(global_scale > 0, global_scale, _fp32(_FAKEQUANT_ZERO_GLOBAL_SCALE, x.device))
     magnitude = blocks.abs()
     ratio = (magnitude.amax(dim=-1, keepdim=True) / (E2M1_MAX * global_scale)).clamp(max=E4M3_MAX)
@@ -211,7 +217,7 @@ def fake_quant_nvfp4(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     scale = torch.where(scale >= _fp32(_FAKEQUANT_MIN_BLOCK_SCALE, x.device), scale, torch.ones_like(scale))
 
     rounded = e2m1_codes_to_f32(_round_to_e2m1(magnitude / scale)) * scale
-    signed = torch.where(blocks >= 0, rounded, -rounded)
+    signed = torch.where((blocks < 0) & (rounded > 0), -rounded, rounded)
     return signed.reshape(xf.shape)[..., :columns].to(x.dtype)
 
 

@@ -327,34 +327,24 @@ class _RouterCounts:
     """
 
     def __init__(self, model):
-        import torch
         from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-        from sm120_quant.calib_data.coverage import moe_layers
+        from sm120_quant.calib_data.coverage import RoutedTokens, moe_layers
 
         self.layers = moe_layers(model)
-        self._counts = {m.layer: torch.zeros(m.num_experts, dtype=torch.long) for m in self.layers}
-        self._tokens = {m.layer: 0 for m in self.layers}
+        self._routed = RoutedTokens(self.layers)
         self._mixin = HooksMixin()
         for m in self.layers:
             self._mixin.register_hook(m.block.gate, self._hook(m), "forward")
 
     def _hook(self, moe):
-        import torch
-
         def hook(module, args, output) -> None:
-            index = output[2].reshape(-1, moe.top_k)
-            self._counts[moe.layer] += torch.bincount(index.reshape(-1), minlength=moe.num_experts).cpu()
-            self._tokens[moe.layer] += index.shape[0]
+            self._routed.add(moe, output[2].reshape(-1, moe.top_k))
 
         return hook
 
     def table(self):
-        from sm120_quant.calib_data.coverage import CoverageTable
-
-        return CoverageTable(tuple(m.layer for m in self.layers),
-                             tuple(tuple(self._counts[m.layer].tolist()) for m in self.layers),
-                             tuple(self._tokens[m.layer] for m in self.layers), self.layers[0].top_k)
+        return self._routed.table()
 
     def remove(self) -> None:
         self._mixin.remove_hooks()
