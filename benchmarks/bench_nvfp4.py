@@ -81,12 +81,14 @@ def raw_modelopt(model, batches, out: Path, cfg_name: str) -> dict:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
+    from sm120_quant.quantize.modelopt_engine import forget_moe_registrations
     from sm120_quant.quiet import library_output
 
     def loop(m):
         for b in batches:
             m(**b)
 
+    forget_moe_registrations(model)  # ModelOpt as a fresh process would see this model, whatever ran before
     t0 = synced()
     with torch.no_grad(), library_output():
         mtq.quantize(model, getattr(mtq, cfg_name), loop)
@@ -146,8 +148,6 @@ def main() -> None:
             model(**b)
     fwd_s = synced() - t0
 
-    # ModelOpt registers MoE classes for quantization globally, on first sight: once our expanded experts made it
-    # treat Glm4MoeMoE as a sequential MoE, a fused model would be mis-wrapped. So the fused runs go first.
     variants = [("ModelOpt NVFP4 (max)", lambda m, o: raw_modelopt(m, batches, o, "NVFP4_DEFAULT_CFG"))]
     if args.awq:
         variants.append(("ModelOpt NVFP4 AWQ-lite", lambda m, o: raw_modelopt(m, batches, o, "NVFP4_AWQ_LITE_CFG")))

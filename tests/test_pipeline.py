@@ -147,6 +147,44 @@ def test_awq_lite_exports_plain_nvfp4_that_checks_clean(recipe, tmp_path):
     assert any("folding the AWQ-lite scales: logits unchanged (bit-identical)" in n for n in data["notes"])
     assert any(n.startswith("AWQ-lite:") and "(1 calibration pass)" in n for n in data["notes"])  # tiny: one chunk
     assert "smoothed BF16 weight" in data["weight_error"]["metric"]
+    smoothed = {int(g["group"].split(".")[2]) for g in smoothing if g["group"].endswith("mlp_in") and g["alpha"] > 0}
+    _assert_routing_unchanged(folder, load_recipe(recipe).recipe, smoothed)
+
+
+def _assert_routing_unchanged(folder, recipe, smoothed: set[int]) -> None:
+    """Every MoE layer of the export routes every token as the BF16 source does: its BF16 path (the folded
+    post_attention_layernorm and the compensated router, read from the export's files) on the source's hidden states
+    picks the same top-k experts with the same weights; and the norms of the layers whose mlp_in group was smoothed
+    (and only those) differ from the source's."""
+    from transformers import AutoTokenizer
+
+    from sm120_quant.models.load import load_model, resolve_source
+
+    source = resolve_source(recipe.model)
+    model = load_model(recipe.model, source)
+    text = "def f(x):\n    return x * 2  # 你好，世界。 Hello!"
+    ids = AutoTokenizer.from_pretrained(source.folder)(text, return_tensors="pt")["input_ids"]
+    moe = {i: layer for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")}
+    inputs = {}
+    for i, layer in moe.items():
+        layer.post_attention_layernorm.register_forward_pre_hook(lambda m, args, i=i: inputs.setdefault(i, args[0]))
+    with torch.no_grad():
+        model(ids)
+    reader = CheckpointReader(folder)
+    rescaled = set()
+    for i, layer in moe.items():
+        with torch.no_grad():
+            before = layer.mlp.gate(layer.post_attention_layernorm(inputs[i]))
+            for name in ("post_attention_layernorm.weight", "mlp.gate.weight", "mlp.gate.e_score_correction_bias"):
+                param = layer.get_parameter(name) if name.endswith("weight") else layer.get_buffer(name)
+                exported = reader.get(f"model.layers.{i}.{name}")
+                if name == "post_attention_layernorm.weight" and not torch.equal(param, exported):
+                    rescaled.add(i)
+                param.copy_(exported)
+            after = layer.mlp.gate(layer.post_attention_layernorm(inputs[i]))
+        assert torch.equal(after[2], before[2]), f"layer {i}: top-k experts changed"
+        assert torch.equal(after[1], before[1]), f"layer {i}: top-k weights changed"
+    assert rescaled == smoothed & set(moe)
 
 
 def test_fixups_repair_a_broken_export_before_it_is_published(export, tmp_path):

@@ -12,6 +12,7 @@ from sm120_quant.quantize.cpu_fakequant import (
     enable_cpu_nvfp4_fakequant,
 )
 from sm120_quant.quantize.formats import dequantize_nvfp4, fake_quant_nvfp4, quantize_nvfp4
+from sm120_quant.quantize.modelopt_engine import forget_moe_registrations
 
 MODELOPT_CPU_ERROR = "amax must be a CUDA tensor for dynamic block quantization."
 
@@ -119,16 +120,7 @@ def test_other_devices_reach_modelopt_op(tensor_quant):
     assert cpu_out.tolist() == [[3.0] * 16]
 
 
-def _forget_moe_registration(moe_class) -> None:
-    """ModelOpt registers an MoE block class on first sight, process-wide. After a run with expanded experts (other
-    tests) it would wrap this fused model's Glm4MoeMoE as a sequential MoE; start from ModelOpt's fresh state."""
-    from modelopt.torch.quantization.nn import QuantModuleRegistry
-
-    if QuantModuleRegistry.get(moe_class) is not None:
-        QuantModuleRegistry.unregister(moe_class)
-
-
-def test_glm4moe_attention_and_experts(mtq, tensor_quant):
+def _tiny_glm4moe():
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
     config = Glm4MoeConfig(
@@ -150,9 +142,31 @@ def test_glm4moe_attention_and_experts(mtq, tensor_quant):
     )
     config.architectures = ["Glm4MoeForCausalLM"]
     torch.manual_seed(0)
-    model = Glm4MoeForCausalLM(config).to(torch.bfloat16).eval()
+    return Glm4MoeForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def test_moe_registration_from_an_expanded_model_is_forgotten_for_a_fused_one(mtq):
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+    from modelopt.torch.quantization.plugins.huggingface import register_sparse_moe_on_the_fly
+
+    from sm120_quant.quantize.moe import expand_experts
+
+    fused, expanded = _tiny_glm4moe(), _tiny_glm4moe()
+    expand_experts(expanded)
+    moe = type(fused.model.layers[1].mlp)
+    forget_moe_registrations(fused)
+    register_sparse_moe_on_the_fly(fused)
+    assert moe not in QuantModuleRegistry  # fused experts: ModelOpt leaves the block to its fused-experts wrapper
+    register_sparse_moe_on_the_fly(expanded)
+    assert QuantModuleRegistry.get_key(moe) == f"hf.{moe.__name__}"  # a sequential MoE now, for the whole process
+    forget_moe_registrations(fused)
+    assert moe not in QuantModuleRegistry
+
+
+def test_glm4moe_attention_and_experts(mtq, tensor_quant):
+    model = _tiny_glm4moe()
     ids = torch.randint(0, 256, (4, 16))
-    _forget_moe_registration(type(model.model.layers[1].mlp))
+    forget_moe_registrations(model)  # other tests' expanded models made ModelOpt register Glm4MoeMoE their way
 
     def forward_loop(m):
         for batch in ids.split(2):
@@ -173,5 +187,4 @@ def test_glm4moe_attention_and_experts(mtq, tensor_quant):
     assert bool(torch.isfinite(logits).all())
     assert torch.equal(captured["y"], reference_linear(q_proj, captured["x"]))
     q = quantize_nvfp4(expert_weight)
-    # Values equal; the kernel writes -0.0 where the export's code 8 decodes to +0.0.
     assert torch.equal(fake_expert, dequantize_nvfp4(q.packed, q.block_scale, q.global_scale, dtype=torch.bfloat16))

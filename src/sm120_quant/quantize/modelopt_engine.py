@@ -47,6 +47,7 @@ def calibrate(recipe: Recipe, quantized: QuantizedModel, forward_loop: Callable[
     spec = recipe.calibration.coverage
     all_experts = calibrate_all_experts(model) if spec.policy is CoveragePolicy.CALIBRATE_ALL else nullcontext()
     start = time.perf_counter()
+    forget_moe_registrations(model)
     with torch.no_grad(), library_output(), ExpertCoverage(model) as coverage, all_experts:
         mtq.quantize(model, modelopt_config(recipe), forward_loop)
     quantized.timings["calibrate"] = time.perf_counter() - start
@@ -74,6 +75,18 @@ def calibrate(recipe: Recipe, quantized: QuantizedModel, forward_loop: Callable[
     if quantized.smoothing:
         quantized.weight_errors = quantizer_weight_errors(model)
     return quantized
+
+
+def forget_moe_registrations(model) -> None:
+    """ModelOpt registers an MoE block class the first time it sees one, process-wide, with the wrapper that fits
+    that model: a sequential MoE for a list of expert linears (our expansion), none for fused experts. A second model
+    of the same class in the process (fused after expanded, as in tests and benchmarks) would get the first one's
+    wrapper; forgetting this model's MoE block classes lets ModelOpt decide again from what it sees now."""
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+
+    for cls in {type(m) for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")}:
+        if cls in QuantModuleRegistry and QuantModuleRegistry.get_key(cls) == f"hf.{cls.__name__}":
+            QuantModuleRegistry.unregister(cls)
 
 
 def quantizer_weight_errors(model) -> dict[str, tuple[str, float]]:
