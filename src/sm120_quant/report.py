@@ -194,8 +194,9 @@ def print_summary(report: Report) -> None:
               f"check: {report.check['summary']['errors']} errors, {report.check['summary']['warnings']} warnings")
     if report.verify is not None:
         m = report.verify["metrics"]
+        routing = "–" if m["routing_agreement"] is None else f"{m['routing_agreement']:.1%}"
         err.print(f"verify: {'passed' if report.verify['passed'] else 'FAILED'}; cosine {m['cosine']:.4f}, "
-                  f"KL {m['kl']:.4f}, top-1 {m['top1']:.3f}, min routing agreement {m['routing_agreement']}, "
+                  f"KL {m['kl']:.4f}, top-1 {m['top1']:.1%}, min routing agreement {routing}, "
                   f"ppl {m['ppl']['source']:.1f} -> {m['ppl']['quantized']:.1f}")
     for note in report.notes:
         err.print(f"note: {note}")
