@@ -1,7 +1,8 @@
 """NVFP4 at real GLM-4.7 layer dimensions: our pipeline's stages next to calling ModelOpt directly.
 
-    python benchmarks/bench_nvfp4.py --layers 3            # on a GPU (H100/H200): prints a markdown table
-    python benchmarks/bench_nvfp4.py --tiny                 # smoke run on CPU with tiny dimensions
+    python benchmarks/bench_nvfp4.py --layers 3               # on a GPU (H100/H200): prints a markdown table
+    python benchmarks/bench_nvfp4.py --tiny                   # smoke run on CPU with tiny dimensions
+    python benchmarks/bench_nvfp4.py --layers 3 --awq-passes  # AWQ-lite search: one pass vs one layer per pass
 
 Both sides start from the same random BF16 Glm4MoeForCausalLM (hidden 5120, 96/8 heads, head_dim 128, 160 experts
 top-8, moe_intermediate 1536, vocab 151552; layer 0 dense, the rest MoE) and the same random calibration tokens.
@@ -117,6 +118,35 @@ def ours(model, batches, out: Path, scheme: str) -> dict:
     return timings
 
 
+def awq_passes(dims: dict, layers: int, device: str, batches) -> None:
+    """Our AWQ-lite search in one calibration pass vs one layer per pass, the memory-bounded mode a full model
+    needs: time, peak memory, and whether both find the same scales."""
+    from sm120_quant.quantize import awq
+    from sm120_quant.quantize.moe import expand_experts
+
+    def loop(m):
+        with torch.no_grad():
+            for b in batches:
+                m(**b)
+
+    found = []
+    print("\n| AWQ-lite search | passes | seconds | peak GPU GiB |\n|---|---|---|---|")
+    for label, budget in (("one pass", None), ("one layer per pass", 0)):
+        model = build(dims, layers, device)
+        expand_experts(model)
+        reset_peak()
+        t0 = synced()
+        smoothing = awq.smooth(model, loop, [], capture_budget=budget)
+        seconds = synced() - t0
+        print(f"| {label} | {smoothing.passes} | {seconds:.1f} | {peak_gib():.1f} |", flush=True)
+        norms = [layer.post_attention_layernorm.weight.detach().clone() for layer in model.model.layers]
+        found.append((smoothing.groups, norms))
+        del model
+    (groups_a, norms_a), (groups_b, norms_b) = found
+    same = groups_a == groups_b and all(torch.equal(a, b) for a, b in zip(norms_a, norms_b, strict=True))
+    print(f"same scales and folded norms: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=3)
@@ -125,6 +155,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions, for a CPU smoke run")
     ap.add_argument("--awq", action="store_true", help="also compare AWQ-lite (ours vs ModelOpt's)")
+    ap.add_argument("--awq-passes", action="store_true",
+                    help="only time our AWQ-lite search in one pass vs one layer per pass")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # ModelOpt's own AWQ-lite needs the pure-torch NVFP4 fake-quant there too
@@ -137,6 +169,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, dims["vocab_size"], (samples, seq), generator=gen)
     batches = [{"input_ids": ids[i:i + args.batch].to(device)} for i in range(0, samples, args.batch)]
+    if args.awq_passes:
+        awq_passes(dims, args.layers, device, batches)
+        return
 
     t0 = synced()
     model = build(dims, args.layers, device)

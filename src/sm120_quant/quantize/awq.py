@@ -244,15 +244,17 @@ def _channel_scale(g: Group, inputs: dict[str, torch.Tensor], alpha: float) -> t
 def _group_loss(model, g: Group, inputs: dict[str, torch.Tensor], s: torch.Tensor) -> float:
     """Summed squared output error of the W4A4 fake-quantized consumers with smoothing `s`."""
     total = 0.0
-    quantized_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    # Siblings sharing one captured input (gate/up, q/k/v) come one after the other: only the current input's fp32
+    # copies are kept (all of a layer's experts at once would take ~13 GB at GLM-4.7 dimensions).
+    current = None
     for name, x in inputs.items():
         w = model.get_submodule(name).weight.detach().float()
         s = s.to(w.device)
-        if id(x) not in quantized_inputs:
+        if current is None or current[0] is not x:
             xf = x.float()
             xs = xf / s
-            quantized_inputs[id(x)] = (xf, fake_quant_nvfp4(xs, xs.abs().amax()))
-        xf, xq = quantized_inputs[id(x)]
+            current = (x, xf, fake_quant_nvfp4(xs, xs.abs().amax()))
+        _, xf, xq = current
         ws = w * s
         total += float((xq @ fake_quant_nvfp4(ws, ws.abs().amax()).T - xf @ w.T).pow(2).sum())
     return total
