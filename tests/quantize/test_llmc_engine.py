@@ -48,6 +48,9 @@ def ct_matches(entry: str, name: str) -> bool:
     ("*kv_b_pro?", r"re:.*kv_b_pro.$"),
     ("layers.[!0]", r"re:layers\.[^0]$"),
     ("a[b", r"re:a\[b$"),  # an unclosed bracket is a literal, as in fnmatch
+    ("x[b-a]", r"re:x(?!)$"),  # a reversed range matches nothing, as in fnmatch (and is an error in `re`)
+    ("x[!b-a]", r"re:x.$"),
+    ("x[a-c-]", r"re:x[a-c\-]$"),
 ])
 def test_ct_ignore_entry(glob, entry):
     assert ct_ignore_entry(glob) == entry

@@ -36,13 +36,35 @@ def ct_ignore_entry(module_glob: str) -> str:
         elif close > 0:
             body = module_glob[i + 1:close]
             negate = body.startswith("!")
-            body = body[1:] if negate else body
-            out.append("[" + ("^" if negate else "") + re.sub(r"([\\^\[&~|])", r"\\\1", body) + "]")
+            out.append(_class_regex(body[1:] if negate else body, negate))
             i = close
         else:
             out.append(re.escape(c))
         i += 1
     return "re:" + "".join(out) + "$"
+
+
+def _class_regex(body: str, negate: bool) -> str:
+    """A glob character class body (without `[`, `!`, `]`) as a regex class. `x-y` is a range, `-` first or last is
+    a literal; a range whose end sorts before its start matches nothing, as in fnmatch (in `re` it is an error), and
+    a class left empty matches nothing, or any character when negated."""
+    items, k = [], 0
+    while k < len(body):
+        if k + 2 < len(body) and body[k + 1] == "-":
+            lo, hi = body[k], body[k + 2]
+            k += 3
+            if lo <= hi:
+                items.append(f"{_class_char(lo)}-{_class_char(hi)}")
+        else:
+            items.append(_class_char(body[k]))
+            k += 1
+    if not items:
+        return "." if negate else "(?!)"
+    return "[" + ("^" if negate else "") + "".join(items) + "]"
+
+
+def _class_char(c: str) -> str:
+    return "\\" + c if c in "\\]^-[&~|" else c
 
 
 def _class_end(glob: str, start: int) -> int:
